@@ -1,0 +1,3 @@
+from editkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""DeltaEditor: train an additive delta on one layer's MLP output projection, without touching
+the model's weights.
+
+The delta enters through a forward hook (``out + x·Δᵀ``), so the model is never half-edited: when
+the context exits, for whatever reason, the hook is gone and the weights are as they were.
+
+Fast path: only one layer changes, so the residual stream entering it is the same at every step.
+It is computed once; afterwards the layers below are swapped for pass-through modules, the cached
+state is fed to the edited layer, and the LM head runs only at the positions a loss reads.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.arch import ArchMap, decoder_layers, get_module, linear_delta, lm_head
+from editkit.hooks import Trace
+from editkit.text import TokenBatch
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer below the edited one: returns its hidden-state input."""
+
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if hidden_states is None:
+            hidden_states = kwargs["hidden_states"]
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def _replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": value}
+
+
+class DeltaEditor:
+    """Context manager owning a trainable ``delta`` (fp32, the weight's shape) for the MLP output
+    projection of ``layer``, and the token batches the losses read.
+
+    ``initial_logits[name]``: logits of the unedited model at the batch's predicting positions.
+    ``logits(name)``: the same positions under the current delta, with gradient.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchMap,
+        layer: int,
+        batches: Mapping[str, TokenBatch],
+        *,
+        fast_path: bool = True,
+    ) -> None:
+        self.model = model
+        self.arch = arch
+        self.layer = layer
+        self.layers = decoder_layers(model, arch)
+        self.module = get_module(self.layers[layer], arch.mlp_out)
+        self.param_name = f"{arch.layers}.{layer}.{arch.mlp_out}.weight"
+        self.device = self.module.weight.device
+        self.batches = {k: b.to(self.device) for k, b in batches.items()}
+        self.fast_path = fast_path and arch.fast_path
+        self.delta = nn.Parameter(torch.zeros(self.module.weight.shape, dtype=torch.float32, device=self.device))
+        self.initial_logits: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+        self._stack = ExitStack()
+        self._current: str | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # [batch, seq, d_in] input of the projection
+        return output + linear_delta(x.float(), self.delta, self.arch.mlp_out_transposed).to(output.dtype)
+
+    def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
+        return _replace_first_arg(args, kwargs, self._cache[self._current])
+
+    def __enter__(self) -> DeltaEditor:
+        try:
+            self._stack.callback(self.module.register_forward_hook(self._add_delta).remove)
+            self._stack.callback(self.model.train, self.model.training)
+            self.model.eval()
+            self._reference_pass()
+            if self.fast_path:
+                self._swap_lower_layers()
+                self._stack.enter_context(Trace(self.layers[self.layer], edit_input=self._feed_cache, retain_output=False))
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._cache.clear()
+
+    @torch.no_grad()
+    def _reference_pass(self) -> None:
+        """One full forward per batch: the unedited logits, and the state entering the edited layer."""
+        below = self.layers[self.layer - 1] if self.layer > 0 else None
+        for name, batch in self.batches.items():
+            with Trace(self.layers[self.layer], retain_input=True, retain_output=False, detach=True) as entry, \
+                    ExitStack() as extra:
+                probe = extra.enter_context(Trace(below, retain_output=True)) if below is not None else None
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            self.initial_logits[name] = out.logits[batch.predicting_positions()].float()
+            self._cache[name] = entry.input
+            self._as_tuple = probe is not None and isinstance(probe.raw_output, tuple)
+
+    def _swap_lower_layers(self) -> None:
+        originals = [self.layers[i] for i in range(self.layer)]
+
+        def restore() -> None:
+            for i, module in enumerate(originals):
+                self.layers[i] = module
+
+        self._stack.callback(restore)
+        for i in range(self.layer):
+            self.layers[i] = _PassThrough(self._as_tuple)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def logits(self, name: str) -> torch.Tensor:
+        """[n_targets, vocab] fp32 logits at ``name``'s predicting positions under the current delta."""
+        batch = self.batches[name]
+        positions = batch.predicting_positions()
+        if not self.fast_path:
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            return out.logits[positions].float()
+        self._current = name
+        try:
+            base = get_module(self.model, self.arch.base)
+            hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+            return lm_head(self.model, self.arch)(hidden[positions]).float()
+        finally:
+            self._current = None

@@ -1,0 +1,52 @@
+"""Batched greedy generation with left padding (the way SafeEdit responses are produced)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from editkit.text import ChatMode, pad_left, prompt_ids, with_suffix
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    suffix: str | None = None,
+    chat_template: ChatMode = "auto",
+    max_prompt_tokens: int = 2048,
+    progress: bool = False,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Greedy responses to ``prompts`` (each optionally followed by ``suffix``), in input order.
+
+    Prompts are sorted by length so each left-padded batch wastes little; over-long prompts keep
+    their last ``max_prompt_tokens`` tokens.
+    """
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a sequence of strings, not one string")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be positive")
+    encoded = [prompt_ids(tokenizer, with_suffix(p, suffix), chat_template)[-max_prompt_tokens:] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    options = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    if not generate_kwargs.get("do_sample", False):
+        options.update(temperature=None, top_p=None, top_k=None)
+    options.update(generate_kwargs)
+    out: list[str] = [""] * len(encoded)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        ids, mask = pad_left([encoded[i] for i in batch], pad)
+        result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
+        new = result[:, ids.shape[1]:]
+        for row, i in enumerate(batch):
+            out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+    return out

@@ -1,0 +1,128 @@
+"""DINM edit: locate, then train a delta on the located layer's MLP output projection with
+loss = c_edit · NLL(safe | attack ⊕ suffix) + kl_weight · KL(p_before ‖ p_now) on benign answers.
+
+Unlike the reference implementation, the KL term carries gradient, the located layer lives in the
+result (never in the shared hparams), pads are masked during localisation, and the model is
+returned untouched with the edit in a saveable patch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from editkit.arch import ArchMap, check_layer, resolve_arch
+from editkit.engine import DeltaEditor
+from editkit.instance import EditInstance
+from editkit.localization import locate
+from editkit.methods.dinm.config import DINMConfig
+from editkit.patch import Patch
+from editkit.result import EditResult
+from editkit.text import encode_pairs, with_suffix
+
+log = logging.getLogger(__name__)
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, targets)
+
+
+def _kl(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(p_before ‖ p_now)."""
+    return F.kl_div(F.log_softmax(logits, -1), reference_logprobs, log_target=True, reduction="batchmean")
+
+
+class DINM:
+    name = "dinm"
+
+    def __init__(self, hparams: DINMConfig) -> None:
+        if not isinstance(hparams, DINMConfig):
+            raise ValueError(f"DINM needs DINMConfig, got {type(hparams).__name__}")
+        self.hparams = hparams
+
+    def edit(
+        self,
+        model: Any,
+        tokenizer: Any,
+        instance: EditInstance,
+        *,
+        layer: int | None = None,
+        arch: ArchMap | dict | None = None,
+        constraint_pairs: Sequence[tuple[str, str]] = (),
+        progress: bool = False,
+    ) -> EditResult:
+        """Compute the DINM edit for ``instance``; ``constraint_pairs`` adds (prompt, answer) pairs
+        to the KL constraint beside the instance's own knowledge pair."""
+        hp = self.hparams
+        arch = resolve_arch(model, arch)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        profile = None
+        layer = layer if layer is not None else hp.layer
+        if layer is None:
+            found = locate(model, tokenizer, instance, mode=hp.locate_mode, context=hp.locate_context,
+                           chat_template=hp.chat_template, max_length=hp.max_length, arch=arch)
+            layer, profile = found.layer, found.profile
+        layer = check_layer(model, arch, layer)
+        timings["locate"] = time.perf_counter() - t0
+
+        suffix = hp.active_suffix
+        kl_pairs = [(instance.knowledge_prompt, instance.knowledge_answer), *constraint_pairs]
+        batches = {
+            "edit": encode_pairs(tokenizer, [(with_suffix(instance.prompt, suffix), instance.safe)],
+                                 chat_template=hp.chat_template, max_length=hp.max_length),
+            "kl": encode_pairs(tokenizer, [(with_suffix(q, suffix), a) for q, a in kl_pairs],
+                               chat_template=hp.chat_template, max_length=hp.max_length),
+        }
+        losses: list[dict[str, float]] = []
+        t1 = time.perf_counter()
+        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
+            edit_targets = editor.batches["edit"].targets()
+            kl_targets = editor.batches["kl"].targets()
+            reference = F.log_softmax(editor.initial_logits["kl"], -1)
+            metrics = {
+                "edit_nll_before": float(_nll(editor.initial_logits["edit"], edit_targets)),
+                "knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)),
+            }
+            optimizer = torch.optim.Adam([editor.delta], lr=hp.lr, weight_decay=hp.weight_decay)
+            steps = tqdm(range(hp.steps), desc=f"DINM layer {layer}", disable=not progress, leave=False)
+            for step in steps:
+                nll = _nll(editor.logits("edit"), edit_targets)
+                kl = _kl(reference, editor.logits("kl"))
+                loss = hp.c_edit * nll + hp.kl_weight * kl
+                record = {"step": step, "loss": loss.item(), "edit_nll": nll.item(), "kl": kl.item()}
+                losses.append(record)
+                steps.set_postfix(loss=f"{record['loss']:.4f}")
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"DINM loss became {record['loss']} at step {step}; model untouched")
+                if record["loss"] < hp.early_stop_loss:
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward(inputs=[editor.delta])
+                optimizer.step()
+                if hp.norm_constraint is not None:
+                    with torch.no_grad():
+                        editor.delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+            with torch.no_grad():
+                kl_logits = editor.logits("kl")
+                metrics.update(
+                    edit_nll_after=float(_nll(editor.logits("edit"), edit_targets)),
+                    knowledge_nll_after=float(_nll(kl_logits, kl_targets)),
+                    kl_after=float(_kl(reference, kl_logits)),
+                    steps_run=len(losses),
+                )
+            delta = editor.delta.detach().clone()
+            param_name = editor.param_name
+        timings["edit"] = time.perf_counter() - t1
+        patch = Patch.from_deltas(model, {param_name: delta}, method=self.name, layer=layer,
+                                  hparams=hp.to_dict(), metrics=metrics)
+        log.info("DINM edited layer %d in %.1fs: edit NLL %.3f -> %.3f", layer, timings["edit"],
+                 metrics["edit_nll_before"], metrics["edit_nll_after"])
+        return EditResult(method=self.name, patch=patch, layer=layer, profile=profile, losses=losses,
+                          metrics=metrics, timings=timings, hparams=hp.to_dict())

@@ -1,0 +1,45 @@
+"""EditResult: what every editing method returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from editkit.patch import Patch
+
+
+@dataclass
+class EditResult:
+    """The outcome of one edit. The model it was computed on is unchanged; ``patch`` carries the
+    edit (``result.patch.apply(model)`` or ``with result.patch.applied(model): ...``)."""
+
+    method: str
+    patch: Patch
+    layer: int | None = None
+    profile: list[float] | None = None  # per-layer localisation distances, when located
+    losses: list[dict[str, float]] = field(default_factory=list)  # one dict per optimisation step
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: locate, edit, total
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Apply the edit to ``model`` permanently."""
+        return self.patch.apply(model)
+
+    def applied(self, model: nn.Module) -> Any:
+        """Context manager: the edit applied inside the block, restored bit-exactly after."""
+        return self.patch.applied(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary (the deltas themselves stay in the patch)."""
+        return {
+            "method": self.method,
+            "layer": self.layer,
+            "profile": self.profile,
+            "losses": self.losses,
+            "metrics": self.metrics,
+            "timings": self.timings,
+            "hparams": self.hparams,
+            "patch_norm": self.patch.norm(),
+        }

@@ -1,0 +1,1 @@
+"""SafeEdit benchmark for editkit: dataset, judge, metrics, runner and report."""
