@@ -122,6 +122,11 @@ class HParams:
         """A validated copy with some settings changed."""
         return type(self).from_dict({**self.to_dict(), **changes}, source=type(self).__name__)
 
+    @property
+    def eval_suffix(self) -> str | None:
+        """Text the method prescribes after every prompt at inference time (None: nothing)."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 

@@ -128,7 +128,7 @@ class EditInstance:
         return out
 
 
-def _read_records(path: Path) -> list[Any]:
+def read_records(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -163,7 +163,7 @@ def load_instances(
         path = Path(text)
         if not path.exists():
             raise FileNotFoundError(f"instance file not found: {path}")
-        records = _read_records(path)
+        records = read_records(path)
     else:
         records = list(source)
     wanted = None if ids is None else [str(i) for i in ids]

