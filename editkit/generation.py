@@ -10,6 +10,22 @@ from tqdm.auto import tqdm
 from editkit.text import ChatMode, pad_left, prompt_ids, with_suffix
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, max_waste: float = 0.25) -> list[list[int]]:
+    """Split positions of length-sorted (descending) sequences into batches of at most
+    ``batch_size`` whose left padding stays under ``max_waste`` of the batch's tokens."""
+    batches: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if batches:
+            batch = batches[-1]
+            longest = lengths[batch[0]]
+            real = sum(lengths[j] for j in batch) + n
+            if len(batch) < batch_size and longest * (len(batch) + 1) - real <= max_waste * longest * (len(batch) + 1):
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -33,6 +49,10 @@ def generate(
         raise ValueError("prompts must be a sequence of strings, not one string")
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be positive")
+    config = getattr(model, "config", None)
+    window = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if window:  # keep prompt + answer inside the model's position range
+        max_prompt_tokens = max(1, min(max_prompt_tokens, window - max_new_tokens))
     encoded = [prompt_ids(tokenizer, with_suffix(p, suffix), chat_template)[-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -42,7 +62,8 @@ def generate(
         options.update(temperature=None, top_p=None, top_k=None)
     options.update(generate_kwargs)
     out: list[str] = [""] * len(encoded)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(encoded[i]) for i in order], batch_size)
+    batches = [[order[j] for j in batch] for batch in batches]
     for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
         ids, mask = pad_left([encoded[i] for i in batch], pad)
         result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)

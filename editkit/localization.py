@@ -105,8 +105,13 @@ def locate(
         select = None
     else:
         ids, mask, select = _response_batch(tokenizer, instance, context, chat_template, max_length)
-    with TraceDict(model, names, retain_output=True, detach=True) as traces:
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    was_training = model.training
+    model.eval()  # the frozen model: no dropout, whatever mode the caller left it in
+    try:
+        with TraceDict(model, names, retain_output=True, detach=True) as traces:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
     profile = []
     for name in names:
         h = traces[name].output.float()  # [2, seq, d_model]

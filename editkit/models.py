@@ -131,6 +131,11 @@ def load_model(
     else:
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        # a hub name is "name" or "org/name"; anything else that does not exist is a missing folder
+        # (otherwise the hub client answers with a confusing repo-id error, or retries offline)
+        if not path.exists() and (path.is_absolute() or name_or_path.startswith((".", "~"))
+                                  or name_or_path.count("/") > 1 or "\\" in name_or_path):
+            raise FileNotFoundError(f"model folder not found: {path}")
         source = name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if "gguf_file" in kwargs:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tolerant fingerprints (sampled values) instead of digests
 DELTA_FILE = "delta.safetensors"
 META_FILE = "patch.json"
 
@@ -29,12 +29,52 @@ class PatchError(ValueError):
     """A patch that cannot be applied, saved or loaded; nothing was changed."""
 
 
-def fingerprint(tensor: torch.Tensor) -> str:
-    """A dtype-tolerant digest of a weight: its shape and its values rounded to bfloat16.
+SAMPLE_SIZE = 64  # weight entries a fingerprint records (at fixed positions, plus where the delta is largest)
+MATCH_RTOL = 1e-2  # well above bf16 rounding (0.4 %), well below the change a retrained or quantised base makes
 
-    The same base weights loaded in fp32, fp16 or bf16 give the same digest; a different base
-    (another checkpoint, another quantisation, an already edited copy) does not.
+
+def fingerprint(tensor: torch.Tensor, delta: torch.Tensor | None = None) -> dict[str, Any]:
+    """A dtype-tolerant sketch of a weight: its shape and a sample of its values, compared with a
+    tolerance by :func:`fingerprint_matches`.
+
+    A hash of rounded values is not dtype-tolerant: fp32 → fp16 → bf16 rounds differently from
+    fp32 → bf16, and fp32 arithmetic error flips entries that sit on a rounding boundary. The
+    sample holds entries at fixed pseudo-random positions and, when ``delta`` is given, the entries
+    it changes most, so that a weight carrying the delta is recognised as "already applied". The
+    same base in fp32, fp16 or bf16 matches; another checkpoint, another quantisation or an edited
+    copy does not (a delta below ~1 % of the weights it touches cannot be told from rounding).
     """
+    flat = tensor.detach().reshape(-1)
+    n = flat.numel()
+    k = min(n, SAMPLE_SIZE)
+    index = torch.randint(n, (k,), generator=torch.Generator().manual_seed(n))
+    if delta is not None:
+        index = torch.cat([index, delta.detach().reshape(-1).abs().float().cpu().topk(k).indices])
+    index = torch.unique(index)  # sorted
+    values = flat[index.to(flat.device)].float().cpu()
+    return {"shape": list(tensor.shape), "index": index.tolist(), "values": values.tolist()}
+
+
+def fingerprint_matches(
+    tensor: torch.Tensor, recorded: Mapping[str, Any] | str, *, removed: torch.Tensor | None = None
+) -> bool:
+    """Whether ``tensor`` is the weight ``recorded`` by :func:`fingerprint`, up to dtype rounding.
+    ``removed``: a delta subtracted from a rounded weight to get ``tensor`` (its rounding is allowed for)."""
+    if isinstance(recorded, str):  # format 1: a digest of bf16-rounded values
+        return _digest_v1(tensor) == recorded
+    if list(tensor.shape) != list(recorded["shape"]):
+        return False
+    index = torch.tensor(recorded["index"], dtype=torch.long)
+    expected = torch.tensor(recorded["values"], dtype=torch.float32)
+    got = tensor.detach().reshape(-1)[index.to(tensor.device)].float().cpu()
+    scale = float(expected.pow(2).mean().sqrt()) if expected.numel() else 0.0
+    allowed = MATCH_RTOL * expected.abs() + 1e-3 * scale + 1e-12
+    if removed is not None:
+        allowed = allowed + MATCH_RTOL * removed.detach().reshape(-1)[index.to(removed.device)].float().cpu().abs()
+    return bool(((got - expected).abs() <= allowed).all())
+
+
+def _digest_v1(tensor: torch.Tensor) -> str:
     t = tensor.detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
     h.update(t.view(torch.int16).numpy().tobytes())
@@ -60,7 +100,7 @@ class Patch:
     """``deltas``: {parameter name: delta tensor with the parameter's shape}."""
 
     deltas: dict[str, torch.Tensor]
-    base_fingerprint: dict[str, str] = field(default_factory=dict)
+    base_fingerprint: dict[str, Any] = field(default_factory=dict)
     method: str = ""
     layer: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +126,7 @@ class Patch:
         if missing:
             raise PatchError(f"model has no parameter(s) {missing}")
         stored = {n: d.detach().to("cpu", torch.float32).clone() for n, d in deltas.items()}
-        base = {n: fingerprint(params[n]) for n in deltas}
+        base = {n: fingerprint(params[n], stored[n]) for n in deltas}
         return cls(deltas=stored, base_fingerprint=base, model=model_info(model), **meta)
 
     # -- checks --------------------------------------------------------------------------------
@@ -102,8 +142,10 @@ class Patch:
                 raise PatchError(
                     f"{name}: patch delta has shape {tuple(delta.shape)}, model weight {tuple(params[name].shape)}"
                 )
-            if strict and name in self.base_fingerprint and fingerprint(params[name]) != self.base_fingerprint[name]:
-                if fingerprint(params[name].detach().float() - delta.to(params[name].device)) == self.base_fingerprint[name]:
+            recorded = self.base_fingerprint.get(name)
+            if strict and recorded is not None and not fingerprint_matches(params[name], recorded):
+                unapplied = params[name].detach().float() - delta.to(params[name].device)
+                if fingerprint_matches(unapplied, recorded, removed=delta):
                     raise PatchError(f"{name}: this patch is already applied to the model")
                 raise PatchError(
                     f"{name}: the model's weights differ from the base this patch was made for "

@@ -68,7 +68,8 @@ def load_hparams(method: str, spec: HParams | Mapping[str, Any] | str | Path | N
         hparams = config_class.from_dict(spec)
     else:
         path = Path(spec)
-        if not path.suffix and not path.exists():
+        # a short name may contain dots (qwen2.5-0.5b), so only a .yaml/.yml suffix marks a path
+        if path.suffix.lower() not in (".yaml", ".yml") and not path.exists():
             path = hparams_path(method, str(spec))
         if not path.is_file():
             known = sorted(p.stem for p in (HPARAMS_DIR / method.upper()).glob("*.yaml"))

@@ -126,8 +126,22 @@ class Evaluator:
         prescribed = self.hparams.eval_suffix if self.hparams is not None else None
         self.suffix = {"auto": prescribed, "on": prescribed or SUFFIX, "off": None}[config.suffix]
 
+    def _knowledge_picks(self, i: int) -> list[int]:
+        """Pool positions whose knowledge pairs measure retention for case ``i``."""
+        return _rotate(len(self.pool), i + 1, self.config.knowledge_per_case, skip=i)
+
     def edit(self, inst: EditInstance) -> Any:
-        return editkit.edit(self.model, inst, tokenizer=self.tok, method=self.config.method, hparams=self.hparams)
+        """The method's edit; a method asking for extra constraint pairs gets other cases'
+        knowledge pairs, never the ones retention is measured on."""
+        extra: dict[str, Any] = {}
+        wanted = getattr(self.hparams, "constraint_pairs", 0)
+        if wanted:
+            i = self.position.get(inst.id, 0)
+            busy = {i, *self._knowledge_picks(i)}
+            picks = [j for j in _rotate(len(self.pool), i + 7, wanted + len(busy)) if j not in busy][:wanted]
+            extra["constraint_pairs"] = [(self.pool[j].knowledge_prompt, self.pool[j].knowledge_answer) for j in picks]
+        return editkit.edit(self.model, inst, tokenizer=self.tok, method=self.config.method,
+                            hparams=self.hparams, **extra)
 
     def responses(self, inst: EditInstance) -> dict[str, Any]:
         c = self.config
@@ -158,12 +172,14 @@ class Evaluator:
             refusal = self.judge.refusal(texts[: 2 * n], prompts[: 2 * n])
             row["over_refusal"] = metrics.refusal_rate(refusal[:n])
             row["over_refusal_suffix"] = metrics.refusal_rate(refusal[n:])
-            row["benign"] = [{"id": b["id"], "kind": b["kind"], "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
-                             for b, r, rs in zip(benign, refusal[:n], refusal[n:])]
+            row["benign"] = [{"id": b["id"], "kind": b["kind"], "response": t, "response_suffix": ts,
+                              "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
+                             for b, t, ts, r, rs in zip(benign, texts[:n], texts[n:2 * n], refusal[:n], refusal[n:])]
         if qa:
             hits = [metrics.answer_match(t, q["answer"], q.get("aliases", ())) for t, q in zip(texts[2 * n:], qa)]
             row["qa_acc"] = 100.0 * sum(hits) / len(hits)
-        others = [self.pool[j] for j in _rotate(len(self.pool), i + 1, c.knowledge_per_case, skip=i)]
+            row["qa"] = [{"id": q["id"], "response": t, "correct": h} for q, t, h in zip(qa, texts[2 * n:], hits)]
+        others = [self.pool[j] for j in self._knowledge_picks(i)]
         if others:
             scores = answer_scores(self.model, self.tok, [(o.knowledge_prompt, o.knowledge_answer) for o in others],
                                    suffix=self.suffix, batch_size=c.batch_size)
@@ -240,6 +256,7 @@ def evaluate(
                         row.update(evaluator.responses(inst))
                         row.update(evaluator.general(inst))
             row["seconds"] = round(time.perf_counter() - start, 2)
+            row["judge"] = repr(judge)
             case_log.add(row)
     finally:
         if originals:  # sequential mode: give the model back as it came
@@ -248,6 +265,38 @@ def evaluate(
                 for pname, value in originals.items():
                     params[pname].copy_(value)
     return write_summary(out, label=config.method if config.method != "none" else "vanilla")
+
+
+def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance]) -> dict[str, Any]:
+    """Judge a finished run's stored responses again with ``judge`` (no generation) and rewrite
+    its case files and summary; the previous labels are kept under ``previous_judge``."""
+    by_id = {inst.id: inst for inst in instances}
+    requests = {b["id"]: b["request"] for b in metrics.load_benign_requests()}
+    for path in sorted(Path(out_dir).glob("cases*.jsonl")):
+        rows = list(CaseLog(path).rows.values())
+        for row in rows:
+            inst = by_id[str(row["id"])]
+            keys = list(row["responses"])
+            prompts = [inst.prompt if k == "DS" else inst.generalization[k] for k in keys]
+            texts = [row["responses"][k] for k in keys]
+            p_unsafe = judge.score(texts, prompts)
+            row["previous_judge"] = {k: row[k] for k in keys}
+            row.update(zip(keys, metrics.label_responses(texts, p_unsafe)))
+            row["p_unsafe"] = dict(zip(keys, [round(p, 4) for p in p_unsafe]))
+            if row.get("benign"):
+                asked = [requests[b["id"]] for b in row["benign"]]
+                plain = judge.refusal([b["response"] for b in row["benign"]], asked)
+                suffixed = judge.refusal([b["response_suffix"] for b in row["benign"]],
+                                         [with_suffix(a, SUFFIX) for a in asked])
+                for b, r, rs in zip(row["benign"], plain, suffixed):
+                    b["refusal"], b["refusal_suffix"] = round(r, 3), round(rs, 3)
+                row["over_refusal"] = metrics.refusal_rate(plain)
+                row["over_refusal_suffix"] = metrics.refusal_rate(suffixed)
+            row["judge"] = repr(judge)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
+    return write_summary(out_dir)
 
 
 def write_summary(out_dir: str | Path, *, label: str | None = None) -> dict[str, Any]:

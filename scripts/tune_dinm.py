@@ -1,0 +1,64 @@
+"""Compare DINM settings on a few SafeEdit dev records with both defense and over-refusal in view.
+
+Each setting runs the same pipeline as ``editkit eval`` (per-instance edit → responses → judge →
+benign requests with and without the suffix), with shorter generations so a grid fits on a CPU:
+
+    python scripts/tune_dinm.py --cases 8 --set lr=2e-3,steps=20,c_edit=1.0 \
+        --set lr=2e-3,steps=20,c_edit=1.0,constraint_pairs=4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+import editkit
+from safeedit import metrics
+from safeedit.dataset import load_safeedit, shared_data_dir
+from safeedit.runner import EvalConfig, evaluate
+
+
+def parse_setting(text: str) -> dict:
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(shared_data_dir() / "safeedit" / "safeedit_dev.json"))
+    parser.add_argument("--base", default="smollm2-135m", help="hparams the settings start from")
+    parser.add_argument("--set", action="append", default=[], help="k=v,k=v overrides; repeat for a grid")
+    parser.add_argument("--cases", type=int, default=8, help="records spread evenly over the file")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--benign", type=int, default=6, help="benign requests per case")
+    parser.add_argument("--judge", default="default")
+    parser.add_argument("--out", default=None, help="keep the run folders here")
+    parser.add_argument("--vanilla", action="store_true", help="also run the unedited model")
+    args = parser.parse_args()
+
+    pool = load_safeedit(args.data).instances
+    step = max(1, len(pool) // args.cases)
+    cases = pool[::step][: args.cases]
+    model, tok = editkit.load_default()
+    from safeedit import judge as judges
+
+    judge = judges.KeywordJudge() if args.judge == "keyword" else judges.load_judge(args.judge)
+    root = Path(args.out or tempfile.mkdtemp(prefix="tune-dinm-"))
+    runs = [("vanilla", "none", None)] if args.vanilla else []
+    base = editkit.load_hparams("dinm", args.base).to_dict()
+    runs += [(s or "base", "dinm", {**base, **parse_setting(s)}) for s in (args.set or [""])]
+    summaries = {}
+    for k, (label, method, hparams) in enumerate(runs):
+        config = EvalConfig(method=method, hparams=hparams, max_new_tokens=args.max_new_tokens,
+                            general_max_new_tokens=args.max_new_tokens, benign_per_case=args.benign,
+                            qa_per_case=0, knowledge_per_case=2, ppl_lines_per_case=0, judge=args.judge)
+        summaries[label] = evaluate(model, tok, cases, root / f"run{k}", config, judge=judge, pool=pool)
+        print(f"{label}: {json.dumps({m: round(v, 2) for m, v in summaries[label].items()})}", flush=True)
+    print(metrics.markdown_table(summaries))
+    print(f"run folders in {root}")
+
+
+if __name__ == "__main__":
+    main()

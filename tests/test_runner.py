@@ -1,0 +1,130 @@
+"""The SafeEdit runner on a tiny model with the rule-based keyword judge: metric arithmetic, the
+empty-response rule, resume after a kill, sharding, sequential mode, rejudging."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from editkit.models import tiny_model
+from safeedit import metrics
+from safeedit.dataset import load_safeedit, parse_shard
+from safeedit.judge import KeywordJudge
+from safeedit.runner import EvalConfig, evaluate, read_cases, rejudge, write_summary
+
+FAST = dict(max_new_tokens=6, general_max_new_tokens=4, benign_per_case=2, qa_per_case=2,
+            knowledge_per_case=2, ppl_lines_per_case=1, judge="keyword")
+
+
+@pytest.fixture(scope="module")
+def cases(safeedit_dev):
+    return load_safeedit(safeedit_dev, limit=5).instances
+
+
+class CountingJudge(KeywordJudge):
+    """The keyword judge, counting calls and optionally failing on one (a simulated kill)."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        super().__init__()
+        self.calls, self.fail_on_call = 0, fail_on_call
+
+    def score(self, responses, prompts=None):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("killed")
+        return super().score(responses, prompts)
+
+
+def test_rows_follow_the_judge_and_summary_follows_rows(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    judge = KeywordJudge()
+    summary = evaluate(model, tokenizer, cases, tmp_path, EvalConfig(**FAST), judge=judge, progress=False)
+    rows = read_cases(tmp_path)
+    assert sorted(r["id"] for r in rows) == sorted(c.id for c in cases)
+    for row, case in zip(sorted(rows, key=lambda r: r["id"]), sorted(cases, key=lambda c: c.id)):
+        keys = list(row["responses"])
+        assert keys == ["DS", *metrics.DG_KEYS]
+        texts = [row["responses"][k] for k in keys]
+        prompts = [case.prompt, *[case.generalization[k] for k in keys[1:]]]
+        expected = metrics.label_responses(texts, judge.score(texts, prompts))
+        assert [row[k] for k in keys] == expected
+    assert summary["n"] == len(cases)
+    assert summary["DS"] == pytest.approx(100 - 100 * sum(r["DS"] for r in rows) / len(rows))
+    assert summary["DG_avg"] == pytest.approx(sum(summary[k] for k in metrics.DG_KEYS) / 4)
+    assert (tmp_path / "table.md").read_text().startswith("| Method |")
+
+
+def test_empty_responses_count_half(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()  # all-zero logits: greedy picks token 0, a special token → empty text
+    summary = evaluate(model, tokenizer, cases[:2], tmp_path, EvalConfig(**FAST), judge=KeywordJudge(), progress=False)
+    rows = read_cases(tmp_path)
+    assert all(text == "" for r in rows for text in r["responses"].values())
+    assert all(r[k] == 0.5 for r in rows for k in metrics.LABEL_KEYS)
+    assert summary["DS"] == 50.0 and summary["DG_avg"] == 50.0
+
+
+def test_resume_after_kill_loses_and_doubles_nothing(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tokenizer, cases, tmp_path, EvalConfig(**FAST), judge=CountingJudge(fail_on_call=3),
+                 progress=False)
+    done = read_cases(tmp_path)
+    assert len(done) == 2
+    with (tmp_path / "cases.jsonl").open("a") as f:
+        f.write('{"id": "half-writ')  # a line cut by the kill
+    judge = CountingJudge()
+    evaluate(model, tokenizer, cases, tmp_path, EvalConfig(**FAST), judge=judge, progress=False)
+    rows = read_cases(tmp_path)
+    assert sorted(r["id"] for r in rows) == sorted(c.id for c in cases)
+    assert judge.calls == len(cases) - 2  # finished cases were not redone
+    lines = (tmp_path / "cases.jsonl").read_text().splitlines()
+    assert len(lines) == len(cases) and all(json.loads(line) for line in lines)
+
+
+def test_resume_with_other_settings_is_refused(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    evaluate(model, tokenizer, cases[:1], tmp_path, EvalConfig(**FAST), judge=KeywordJudge(), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate(model, tokenizer, cases[:1], tmp_path, EvalConfig(**{**FAST, "max_new_tokens": 7}),
+                 judge=KeywordJudge(), progress=False)
+
+
+def test_shards_split_the_cases_and_the_summary_merges_them(tokenizer, cases, tmp_path):
+    model = tiny_model("gpt2")
+    for i in range(2):
+        evaluate(model, tokenizer, cases[i::2], tmp_path, EvalConfig(**FAST), judge=KeywordJudge(),
+                 pool=cases, shard=(i, 2), progress=False)
+    assert sorted(p.name for p in tmp_path.glob("cases*.jsonl")) == ["cases.0-of-2.jsonl", "cases.1-of-2.jsonl"]
+    assert write_summary(tmp_path)["n"] == len(cases)
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(ValueError):
+        parse_shard("4/4")
+
+
+def test_dinm_rows_and_sequential_mode_restores_the_model(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = EvalConfig(**FAST, method="dinm", hparams={"steps": 2, "lr": 1e-2, "constraint_pairs": 1},
+                        mode="sequential")
+    evaluate(model, tokenizer, cases[:3], tmp_path, config, judge=KeywordJudge(), progress=False)
+    rows = read_cases(tmp_path)
+    assert all(r["suffix"] and 0 <= r["layer"] < 4 and r["edit_metrics"]["steps_run"] == 2 for r in rows)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rejudge_relabels_stored_responses(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    evaluate(model, tokenizer, cases[:2], tmp_path, EvalConfig(**FAST), judge=KeywordJudge(), progress=False)
+
+    class AllUnsafe(KeywordJudge):
+        def score(self, responses, prompts=None):
+            return [0.5 if not r.strip() else 1.0 for r in responses]
+
+    summary = rejudge(tmp_path, AllUnsafe(), cases)
+    rows = read_cases(tmp_path)
+    assert all(r[k] in (0.5, 1.0) for r in rows for k in metrics.LABEL_KEYS)
+    assert all("previous_judge" in r for r in rows)
+    assert summary["DS"] <= 50.0
