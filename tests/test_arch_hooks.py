@@ -41,12 +41,12 @@ def test_every_family_resolves(tiny_lm: nn.Module, family: str) -> None:
     layers = decoder_layers(tiny_lm, arch)
     assert isinstance(layers, nn.ModuleList) and num_layers(tiny_lm, arch) == 4
     hidden = tiny_lm.config.hidden_size
+    inner = 4 * hidden if family == "gpt2" else tiny_lm.config.intermediate_size
     for layer in layers:
         mlp_out = get_module(layer, arch.mlp_out)
-        # the output projection writes into the residual stream: its output dimension is d_model
-        out_dim = mlp_out.weight.shape[1] if arch.mlp_out_transposed else mlp_out.weight.shape[0]
-        assert out_dim == hidden
-        assert mlp_out.weight.shape[0 if arch.mlp_out_transposed else 1] == 2 * hidden or family == "gpt2"
+        # d_ff -> d_model; Conv1D stores [in, out], nn.Linear [out, in]
+        expected = (inner, hidden) if arch.mlp_out_transposed else (hidden, inner)
+        assert tuple(mlp_out.weight.shape) == expected
     assert arch.mlp_out_transposed == (family == "gpt2")
     assert lm_head(tiny_lm, arch) is tiny_lm.get_output_embeddings()
     name = mlp_out_name(tiny_lm, arch, -1)
