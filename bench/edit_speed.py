@@ -24,8 +24,9 @@ SmolLM2-135M-Instruct), with the DINM settings of ``hparams/DINM/smollm2-135m.ya
 * fast == plain: max |loss difference| over steps and terms, max |delta difference|.
 * peak memory of one edit relative to the model's parameter bytes, one fresh subprocess per path
   (see ``_memory_probe``): on CPU the peak RSS increase sampled every 2 ms from /proc/self/statm
-  by a background thread (and the kernel's lifetime ru_maxrss as a cross-check); on CUDA
-  torch.cuda.max_memory_allocated.
+  by a background thread, from just before ``editkit.edit`` (model loaded, weights paged in by one
+  warm-up forward) to its return, localisation included; on CUDA torch.cuda.max_memory_allocated.
+  (ru_maxrss is no use here: loading the model peaks higher than the edit.)
 
 Usage:  python bench/edit_speed.py [--n 3] [--model PATH] [--hparams YAML] [--json OUT]
 """
@@ -35,7 +36,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -223,15 +223,16 @@ def _memory_probe(args: argparse.Namespace) -> None:
         base = _rss_bytes()
         with RSSSampler() as sampler:
             editkit.edit(model, inst, tokenizer=tok, hparams=hp)
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         out.update(method="peak RSS (sampled every 2 ms) - RSS before the edit", peak_increase=sampler.peak - base,
-                   maxrss_increase=maxrss - base, rss_before=base)
+                   rss_before=base)
     print("MEMORY " + json.dumps(out))
 
 
 def memory(args: argparse.Namespace, path: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--memory-probe", path, "--model", args.model, "--data", str(args.data),
-           "--n", str(args.n), "--mem-record", "0", "--mem-steps", str(args.mem_steps)]
+           "--n", str(args.n), "--mem-record", "0"]
+    if args.mem_steps or args.steps:
+        cmd += ["--mem-steps", str(args.mem_steps or args.steps)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.hparams:
@@ -297,10 +298,10 @@ def print_table(rows: list[dict[str, Any]], n_layers: int) -> None:
     for r in rows:
         e, k = r["tokens"]["edit"], r["tokens"]["kl"]
         print(f"{r['id']:>5} {str(r['layer']) + '/' + str(n_layers):>7} {r['steps']:>3} {e[0]:>7}/{e[1]:<4} "
-              f"{k[0]:>5}/{k[1]:<4} | {r['fast_edit']:6.1f} {r['plain_edit']:7.1f} {r['floor_body']:6.1f} "
-              f"{r['floor_head']:6.1f} {r['ref_fwd']:6.2f} | {r['fast_edit'] / r['floor_body']:7.2f} "
+              f"{k[0]:>5}/{k[1]:<4} | {r['fast_edit']:6.2f} {r['plain_edit']:7.2f} {r['floor_body']:6.2f} "
+              f"{r['floor_head']:6.2f} {r['ref_fwd']:6.2f} | {r['fast_edit'] / r['floor_body']:7.2f} "
               f"{r['fast_edit'] / r['floor_head']:7.2f} {r['plain_edit'] / r['floor_head']:8.2f} "
-              f"{r['plain_edit'] / r['fast_edit']:10.2f} | {r['fast_total']:8.1f} {r['plain_total']:9.1f}")
+              f"{r['plain_edit'] / r['fast_edit']:10.2f} | {r['fast_total']:8.2f} {r['plain_total']:9.2f}")
 
 
 def main() -> None:
@@ -311,8 +312,7 @@ def main() -> None:
     parser.add_argument("--hparams", default=None, help=f"DINM YAML (default {DEFAULT_HPARAMS.relative_to(REPO)})")
     parser.add_argument("--steps", type=int, default=None, help="override the YAML's steps (quick runs)")
     parser.add_argument("--repeats", type=int, default=1, help="time each path this many times, keep the minimum")
-    parser.add_argument("--mem-steps", type=int, default=3,
-                        help="steps in the memory probes (the peak is reached by step 2; Adam state is allocated at step 1)")
+    parser.add_argument("--mem-steps", type=int, default=None, help="steps in the memory probes (default: as timed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -362,12 +362,10 @@ def main() -> None:
     if not args.no_memory:
         mem = {path: memory(args, path) for path in ("fast", "plain")}
         size = mem["fast"]["param_bytes"]
-        print(f"peak memory of one edit (record {instances[0].id}, {args.mem_steps} steps, fresh process per path), "
+        print(f"peak memory of one edit (record {instances[0].id}, {mem['fast']['steps']} steps, fresh process per path), "
               f"model params {size / 2**20:.0f} MiB; method: {mem['fast']['method']}")
         for path, m in mem.items():
-            extra = (f" (lifetime ru_maxrss - before: {m['maxrss_increase'] / 2**20:.0f} MiB, includes model loading)"
-                     if "maxrss_increase" in m else "")
-            print(f"  {path:>5}: +{m['peak_increase'] / 2**20:.0f} MiB = {m['peak_increase'] / size:.2f} x params{extra}")
+            print(f"  {path:>5}: +{m['peak_increase'] / 2**20:.0f} MiB = {m['peak_increase'] / size:.2f} x params")
         summary["memory"] = mem
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,11 @@ the model's weights.
 The delta enters through a forward hook (``out + x·Δᵀ``), so the model is never half-edited: when
 the context exits, for whatever reason, the hook is gone and the weights are as they were.
 
+The model's own parameters are frozen (``requires_grad=False``) while the editor is open and their
+flags restored on exit: only the delta is trained, and a model whose weights require grad makes
+autograd record the whole forward and keep every layer's activations for weight gradients nobody
+asks for (on SmolLM2-135M the plain path's peak memory drops from ~2.2x to ~0.5x the model's size).
+
 Fast path: only one layer changes, so the residual stream entering it is the same at every step.
 It is computed once; afterwards the layers below are swapped for pass-through modules, the cached
 state is fed to the edited layer, and the LM head runs only at the positions a loss reads.
@@ -86,6 +91,7 @@ class DeltaEditor:
             self._stack.callback(self.module.register_forward_hook(self._add_delta).remove)
             self._stack.callback(self.model.train, self.model.training)
             self.model.eval()
+            self._freeze_model()
             self._reference_pass()
             if self.fast_path:
                 self._swap_lower_layers()
@@ -98,6 +104,17 @@ class DeltaEditor:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
         self._cache.clear()
+
+    def _freeze_model(self) -> None:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        def restore() -> None:
+            for p in trainable:
+                p.requires_grad_(True)
+
+        self._stack.callback(restore)  # registered first, so a failure half-way still restores
+        for p in trainable:
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def _reference_pass(self) -> None:

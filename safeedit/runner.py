@@ -213,19 +213,23 @@ def evaluate(
     config = config or EvalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"config": config.comparable(), "model": model_info(model)}
-    settings_path = out / "config.json"
-    if settings_path.exists():
-        previous = json.loads(settings_path.read_text(encoding="utf-8"))
-        if previous.get("config") != json.loads(json.dumps(settings["config"], default=str)):
-            raise ValueError(f"{out} holds a run with other settings ({settings_path}); use another --out")
-    else:
-        settings_path.write_text(json.dumps(settings, indent=2, default=str), encoding="utf-8")
     if judge is None:
         from safeedit.judge import load_judge
 
         judge = load_judge(config.judge)
     evaluator = Evaluator(model, tokenizer, config, judge, pool if pool is not None else instances)
+    # the resolved settings, not just their name: editing a YAML between runs must not mix results
+    settings = {"config": config.comparable(), "model": model_info(model),
+                "hparams_resolved": evaluator.hparams.to_dict() if evaluator.hparams is not None else None}
+    settings = json.loads(json.dumps(settings, default=str))
+    settings_path = out / "config.json"
+    if settings_path.exists():
+        previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        for key in ("config", "hparams_resolved"):
+            if previous.get(key) != settings[key]:
+                raise ValueError(f"{out} holds a run with other settings ({settings_path}: {key}); use another --out")
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     name = "cases.jsonl" if shard is None else f"cases.{shard[0]}-of-{shard[1]}.jsonl"
     case_log = CaseLog(out / name)
     todo = [inst for inst in instances if inst.id not in case_log.rows]

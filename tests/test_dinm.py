@@ -327,3 +327,29 @@ def test_record_input_and_result_summary(tokenizer, instance) -> None:
     assert {"locate", "edit", "total"} <= set(result.timings)
     assert result.patch.metrics == result.metrics
     assert result.patch.method == "dinm" and result.patch.hparams["steps"] == 2
+
+
+def test_requires_grad_flags_restored(tokenizer, instance, monkeypatch) -> None:
+    """The editor freezes the model's parameters while it trains the delta (no weight-gradient
+    graph, less memory) and hands each one back with its own flag, after an error too."""
+    model = tiny_model("llama")
+    frozen = {n for i, (n, _) in enumerate(model.named_parameters()) if i % 3 == 0}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    expected = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+    original = dinm_method._nll
+
+    def spy(*args, **kwargs):
+        seen.append(any(p.requires_grad for p in model.parameters()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dinm_method, "_nll", spy)
+    for fast_path in (True, False):
+        run(model, instance, tokenizer, layer=1, hp={"fast_path": fast_path})
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
+    assert seen and not any(seen)
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda *a, **k: (_ for _ in ()).throw(_Boom()))
+    with pytest.raises(_Boom):
+        run(model, instance, tokenizer, layer=1)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == expected

@@ -128,3 +128,14 @@ def test_rejudge_relabels_stored_responses(tokenizer, cases, tmp_path):
     assert all(r[k] in (0.5, 1.0) for r in rows for k in metrics.LABEL_KEYS)
     assert all("previous_judge" in r for r in rows)
     assert summary["DS"] <= 50.0
+
+
+def test_resume_with_other_method_settings_is_refused(tokenizer, cases, tmp_path):
+    model = tiny_model("llama")
+    run = lambda steps: evaluate(model, tokenizer, cases[:1], tmp_path,  # noqa: E731
+                                 EvalConfig(**FAST, method="dinm", hparams={"steps": steps}),
+                                 judge=KeywordJudge(), progress=False)
+    run(1)
+    run(1)  # same settings: resumes (nothing to do)
+    with pytest.raises(ValueError, match="other settings"):
+        run(2)
