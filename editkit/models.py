@@ -150,6 +150,8 @@ def load_model(
 # Tiny in-process models for tests and examples.
 
 TINY_TYPES = ("llama", "mistral", "qwen2", "gpt2", "gpt_neox")
+# the other families with an architecture map (editkit.arch.ARCH_MAPS), also buildable tiny
+TINY_EXTRA_TYPES = ("qwen3", "phi3", "olmo", "olmo2", "gemma", "gemma2", "gptj")
 
 
 def tiny_tokenizer(chat_template: bool = True) -> Any:
@@ -189,22 +191,22 @@ def tiny_model(
 
     vocab_size = vocab_size or len(tiny_tokenizer(chat_template=False))
     heads = 4
-    common: dict[str, Any] = dict(vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings)
-    if model_type in ("llama", "mistral", "qwen2"):
+    common: dict[str, Any] = dict(vocab_size=vocab_size, tie_word_embeddings=tie_word_embeddings,
+                                  pad_token_id=3, bos_token_id=0, eos_token_id=2)
+    if model_type in ("llama", "mistral", "qwen2", *TINY_EXTRA_TYPES[:-1]):
         cfg = dict(
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
             num_key_value_heads=2,
+            head_dim=hidden_size // heads,
             max_position_embeddings=2048,
-            pad_token_id=3, bos_token_id=0, eos_token_id=2,
         )
-    elif model_type == "gpt2":
-        cfg = dict(
-            n_embd=hidden_size, n_layer=num_layers, n_head=heads, n_positions=2048,
-            pad_token_id=3, bos_token_id=0, eos_token_id=2,
-        )
+    elif model_type in ("gpt2", "gptj"):
+        cfg = dict(n_embd=hidden_size, n_layer=num_layers, n_head=heads, n_positions=2048)
+        if model_type == "gptj":
+            cfg["rotary_dim"] = 4
     elif model_type == "gpt_neox":
         cfg = dict(
             hidden_size=hidden_size,
@@ -212,10 +214,9 @@ def tiny_model(
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
             max_position_embeddings=2048,
-            pad_token_id=3, bos_token_id=0, eos_token_id=2,
         )
     else:
-        raise ValueError(f"no tiny model for {model_type!r}; choose one of {TINY_TYPES}")
+        raise ValueError(f"no tiny model for {model_type!r}; choose one of {TINY_TYPES + TINY_EXTRA_TYPES}")
     config = AutoConfig.for_model(model_type, **common, **cfg)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

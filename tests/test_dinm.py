@@ -14,7 +14,7 @@ from editkit.arch import decoder_layers, mlp_out_name, resolve_arch
 from editkit.hooks import hook_count
 from editkit.instance import EditInstance
 from editkit.methods.dinm import DINMConfig
-from editkit.models import tiny_model
+from editkit.models import TINY_EXTRA_TYPES, tiny_model
 from editkit.text import SUFFIX, encode_pairs, with_suffix
 
 FAST = dict(steps=3, lr=1e-2, c_edit=1.0)  # a few real steps, fast on a tiny model
@@ -353,3 +353,22 @@ def test_requires_grad_flags_restored(tokenizer, instance, monkeypatch) -> None:
     with pytest.raises(_Boom):
         run(model, instance, tokenizer, layer=1)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
+
+
+@pytest.mark.parametrize("family", TINY_EXTRA_TYPES)
+def test_every_other_mapped_family_edits_exactly(family, tokenizer, instance, snapshot):
+    """The families with a map but no place in the main table: the map resolves, the fast path
+    (or, for soft-capped logits, its fallback) equals the plain path, the model is untouched."""
+    from editkit.arch import ARCH_MAPS, resolve_arch
+
+    model = tiny_model(family)
+    assert resolve_arch(model) is ARCH_MAPS[family]
+    snap = snapshot(model)
+    hp = {"steps": 3, "lr": 1e-2, "layer": 2}
+    fast = editkit.edit(model, instance, tokenizer=tokenizer, hparams={**hp, "fast_path": True})
+    plain = editkit.edit(model, instance, tokenizer=tokenizer, hparams={**hp, "fast_path": False})
+    assert [r["loss"] for r in fast.losses] == pytest.approx([r["loss"] for r in plain.losses], abs=1e-6)
+    (name, delta), = fast.patch.deltas.items()
+    assert torch.allclose(delta, plain.patch.deltas[name], atol=1e-6)
+    assert float(delta.abs().max()) > 0
+    snap.assert_same(model)

@@ -72,6 +72,9 @@ class DINM:
         layer = check_layer(model, arch, layer)
         timings["locate"] = time.perf_counter() - t0
 
+        if len(constraint_pairs) < hp.constraint_pairs:
+            log.warning("hparams ask for %d extra constraint pairs but %d were given; the KL term uses "
+                        "the knowledge pair plus those given", hp.constraint_pairs, len(constraint_pairs))
         suffix = hp.active_suffix
         kl_pairs = [(instance.knowledge_prompt, instance.knowledge_answer), *constraint_pairs]
         batches = {
