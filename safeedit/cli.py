@@ -26,6 +26,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
     p.set_defaults(func=run_eval)
 
+    p = sub.add_parser("rejudge", help="score a finished run's stored responses again with another judge")
+    p.add_argument("run")
+    p.add_argument("--judge", default="default")
+    p.add_argument("--data", default=None, help="the SafeEdit file the run used (default: the shared dev records)")
+    p.set_defaults(func=run_rejudge)
+
     p = sub.add_parser("report", help="one table and plots over finished run folders")
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True)
@@ -50,6 +56,18 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tok = editkit.load_model(args.model, device=args.device)
     summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard)
     print((Path(args.out) / "table.md").read_text())
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_rejudge(args: argparse.Namespace) -> int:
+    from safeedit.dataset import load_safeedit, shared_data_dir
+    from safeedit.judge import load_judge
+    from safeedit.runner import rejudge
+
+    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    summary = rejudge(args.run, load_judge(args.judge), load_safeedit(data).instances, judge_spec=args.judge)
+    print((Path(args.run) / "table.md").read_text())
     print(json.dumps(summary, indent=2))
     return 0
 

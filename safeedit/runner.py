@@ -271,9 +271,12 @@ def evaluate(
     return write_summary(out, label=config.method if config.method != "none" else "vanilla")
 
 
-def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance]) -> dict[str, Any]:
+def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance], *,
+            judge_spec: str | None = None) -> dict[str, Any]:
     """Judge a finished run's stored responses again with ``judge`` (no generation) and rewrite
-    its case files and summary; the previous labels are kept under ``previous_judge``."""
+    its case files and summary; the previous labels are kept under ``previous_judge``. With
+    ``judge_spec`` (the name ``load_judge`` takes), config.json records it, so the run resumes
+    with that judge."""
     by_id = {inst.id: inst for inst in instances}
     requests = {b["id"]: b["request"] for b in metrics.load_benign_requests()}
     for path in sorted(Path(out_dir).glob("cases*.jsonl")):
@@ -300,6 +303,11 @@ def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance]) 
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(path)
+    settings_path = Path(out_dir) / "config.json"
+    if judge_spec is not None and settings_path.exists():
+        settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        settings["config"]["judge"] = judge_spec
+        settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return write_summary(out_dir)
 
 

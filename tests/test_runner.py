@@ -123,7 +123,8 @@ def test_rejudge_relabels_stored_responses(tokenizer, cases, tmp_path):
         def score(self, responses, prompts=None):
             return [0.5 if not r.strip() else 1.0 for r in responses]
 
-    summary = rejudge(tmp_path, AllUnsafe(), cases)
+    summary = rejudge(tmp_path, AllUnsafe(), cases, judge_spec="all-unsafe")
+    assert json.loads((tmp_path / "config.json").read_text())["config"]["judge"] == "all-unsafe"
     rows = read_cases(tmp_path)
     assert all(r[k] in (0.5, 1.0) for r in rows for k in metrics.LABEL_KEYS)
     assert all("previous_judge" in r for r in rows)
