@@ -76,5 +76,5 @@ def run_report(args: argparse.Namespace) -> int:
     from safeedit.report import build_report
 
     print(build_report(args.runs, args.out))
-    print(f"written to {args.out}/ (table.md, summary.json, per_category.png, located_layers.png)")
+    print(f"written to {args.out}/: " + ", ".join(sorted(p.name for p in Path(args.out).iterdir() if p.is_file())))
     return 0

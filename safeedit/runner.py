@@ -317,7 +317,9 @@ def write_summary(out_dir: str | Path, *, label: str | None = None) -> dict[str,
     rows = read_cases(out)
     flat = [{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows]
     summary = metrics.summarise(flat) if flat else {"n": 0}
-    label = label or (rows[0].get("method") if rows else "run")
+    if label is None:
+        method = rows[0].get("method", "run") if rows else "run"
+        label = "vanilla" if method == "none" else method
     (out / "summary.json").write_text(json.dumps({"label": label, **summary}, indent=2), encoding="utf-8")
     (out / "table.md").write_text(metrics.markdown_table({label: summary}), encoding="utf-8")
     return summary
