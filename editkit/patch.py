@@ -6,7 +6,6 @@ hparams, metrics). A patch refuses a model whose targeted weights differ from th
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMAT_VERSION = 2  # 2: tolerant fingerprints (sampled values) instead of digests
+FORMAT_VERSION = 2  # 1 (digests of rounded weights) was never released
 DELTA_FILE = "delta.safetensors"
 META_FILE = "patch.json"
 
@@ -56,12 +55,10 @@ def fingerprint(tensor: torch.Tensor, delta: torch.Tensor | None = None) -> dict
 
 
 def fingerprint_matches(
-    tensor: torch.Tensor, recorded: Mapping[str, Any] | str, *, removed: torch.Tensor | None = None
+    tensor: torch.Tensor, recorded: Mapping[str, Any], *, removed: torch.Tensor | None = None
 ) -> bool:
     """Whether ``tensor`` is the weight ``recorded`` by :func:`fingerprint`, up to dtype rounding.
     ``removed``: a delta subtracted from a rounded weight to get ``tensor`` (its rounding is allowed for)."""
-    if isinstance(recorded, str):  # format 1: a digest of bf16-rounded values
-        return _digest_v1(tensor) == recorded
     if list(tensor.shape) != list(recorded["shape"]):
         return False
     index = torch.tensor(recorded["index"], dtype=torch.long)
@@ -72,13 +69,6 @@ def fingerprint_matches(
     if removed is not None:
         allowed = allowed + MATCH_RTOL * removed.detach().reshape(-1)[index.to(removed.device)].float().cpu().abs()
     return bool(((got - expected).abs() <= allowed).all())
-
-
-def _digest_v1(tensor: torch.Tensor) -> str:
-    t = tensor.detach().to("cpu", torch.float32).to(torch.bfloat16).contiguous()
-    h = hashlib.sha256(str(tuple(t.shape)).encode())
-    h.update(t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:
@@ -219,7 +209,7 @@ class Patch:
         if not (path / META_FILE).is_file() or not (path / DELTA_FILE).is_file():
             raise PatchError(f"{path} is not an editkit patch (needs {META_FILE} and {DELTA_FILE})")
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        if meta.get("format") != "editkit-patch" or meta.get("format_version", 0) > FORMAT_VERSION:
+        if meta.get("format") != "editkit-patch" or meta.get("format_version") != FORMAT_VERSION:
             raise PatchError(f"{path}: unsupported patch format {meta.get('format')!r} v{meta.get('format_version')}")
         deltas = load_file(str(path / DELTA_FILE))
         if set(deltas) != set(meta.get("parameters", {})):
