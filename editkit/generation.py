@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from editkit.text import ChatMode, pad_left, prompt_ids, with_suffix
+from editkit.text import ChatMode, pad_id, pad_left, prompt_ids, with_suffix
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_waste: float = 0.25) -> list[list[int]]:
@@ -55,7 +55,7 @@ def generate(
         max_prompt_tokens = max(1, min(max_prompt_tokens, window - max_new_tokens))
     encoded = [prompt_ids(tokenizer, with_suffix(p, suffix), chat_template)[-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     options = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
     if not generate_kwargs.get("do_sample", False):

@@ -11,7 +11,7 @@ import torch
 from editkit.arch import ArchMap, decoder_layers, resolve_arch
 from editkit.hooks import TraceDict
 from editkit.instance import EditInstance
-from editkit.text import ChatMode, encode_pairs, pad_left, prompt_ids, target_ids
+from editkit.text import ChatMode, encode_pairs, pad_id, pad_left, pad_right, prompt_ids, target_ids
 
 LocateMode = Literal["mean", "reference"]
 LocateContext = Literal["none", "prompt"]
@@ -56,13 +56,7 @@ def _response_batch(tokenizer: Any, instance: EditInstance, context: str, chat_t
                              max_length=max_length)
         return batch.input_ids, batch.attention_mask, batch.target_mask
     seqs = [target_ids(tokenizer, r, "none")[:max_length] for r in responses]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(s) for s in seqs)
-    ids = torch.full((2, width), pad, dtype=torch.long)
-    mask = torch.zeros((2, width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad_id(tokenizer))
     return ids, mask, mask.bool()
 
 
@@ -96,12 +90,11 @@ def locate(
     names = [f"{arch.layers}.{i}" for i in range(n)]
     device = next(model.parameters()).device
     if mode == "reference":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         seqs = [target_ids(tokenizer, r, "none")[:max_length] for r in (instance.safe, instance.unsafe)]
         if context == "prompt":
             p = prompt_ids(tokenizer, instance.prompt, chat_template)
             seqs = [p + s for s in seqs]
-        ids, mask = pad_left(seqs, pad)
+        ids, mask = pad_left(seqs, pad_id(tokenizer))
         select = None
     else:
         ids, mask, select = _response_batch(tokenizer, instance, context, chat_template, max_length)

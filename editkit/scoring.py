@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from editkit.text import ChatMode, encode_pairs, with_suffix
+from editkit.text import ChatMode, encode_pairs, pad_id, pad_right, with_suffix
 
 
 @torch.no_grad()
@@ -45,16 +45,12 @@ def answer_scores(
 def text_nll(model: Any, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 8, max_length: int = 512) -> tuple[float, int]:
     """(summed NLL, token count) of plain texts; perplexity = exp(sum / count)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     total, count = 0.0, 0
     for start in range(0, len(texts), batch_size):
         seqs = [tokenizer(t, add_special_tokens=True).input_ids[:max_length] for t in texts[start : start + batch_size]]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=device)
-        for i, s in enumerate(seqs):  # right padding: positions stay exact for absolute embeddings
-            ids[i, : len(s)] = torch.tensor(s, device=device)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_right(seqs, pad)
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         valid = (mask[:, 1:] * mask[:, :-1]).bool()

@@ -95,16 +95,27 @@ def encode_pairs(
             raise ValueError(f"target {target!r} has no tokens")
         p = p[-(max_length - len(t)):]
         rows.append((p + t, len(p)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    target = torch.zeros((len(rows), width), dtype=torch.bool)
+    input_ids, attention = pad_right([ids for ids, _ in rows], pad_id(tokenizer))
+    target = torch.zeros_like(attention, dtype=torch.bool)
     for i, (ids, start) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
         target[i, start : len(ids)] = True
     return TokenBatch(input_ids, attention, target)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its end-of-sequence id when it has none."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_right(seqs: Sequence[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (positions stay exact, also for absolute embeddings)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
 
 
 def pad_left(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
