@@ -124,8 +124,7 @@ class DeltaEditor:
             with Trace(self.layers[self.layer], retain_input=True, retain_output=False, detach=True) as entry, \
                     ExitStack() as extra:
                 probe = extra.enter_context(Trace(below, retain_output=True)) if below is not None else None
-                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            self.initial_logits[name] = out.logits[batch.predicting_positions()].float()
+                self.initial_logits[name] = self._forward(batch)
             self._cache[name] = entry.input
             self._as_tuple = probe is not None and isinstance(probe.raw_output, tuple)
 
@@ -143,16 +142,20 @@ class DeltaEditor:
     # -- forward ---------------------------------------------------------------------------------
     def logits(self, name: str) -> torch.Tensor:
         """[n_targets, vocab] fp32 logits at ``name``'s predicting positions under the current delta."""
-        batch = self.batches[name]
+        self._current = name
+        try:
+            return self._forward(self.batches[name])
+        finally:
+            self._current = None
+
+    def _forward(self, batch: TokenBatch) -> torch.Tensor:
+        """[n_targets, vocab] fp32 logits at the predicting positions. Where the fast path is exact,
+        the LM head runs at those positions only (most tokens of a batch are prompt)."""
         positions = batch.predicting_positions()
         if not self.fast_path:
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             return out.logits[positions].float()
-        self._current = name
-        try:
-            base = get_module(self.model, self.arch.base)
-            hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
-            return lm_head(self.model, self.arch)(hidden[positions]).float()
-        finally:
-            self._current = None
+        base = get_module(self.model, self.arch.base)
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
+        return lm_head(self.model, self.arch)(hidden[positions]).float()

@@ -271,6 +271,53 @@ def test_constraint_pairs_join_the_kl_term(tokenizer, instance) -> None:
     assert (only_delta(alone)[1] - only_delta(more)[1]).abs().max() > 0
 
 
+def test_benign_constraint_uses_the_models_own_answers(tokenizer, instance, monkeypatch) -> None:
+    """benign_constraint=n: n authored requests, each without and with the suffix, answered greedily
+    by the unedited model, form a second KL term that starts at 0 and moves the delta."""
+    from editkit.methods.dinm import constraints
+
+    model = tiny_model("llama")
+    seen = {}
+    real = constraints.self_answered_pairs
+
+    def spy(m, tok, requests, **kw):
+        pairs = real(m, tok, requests, **kw)
+        seen.update(requests=requests, pairs=pairs, answers=editkit.generate(
+            m, tok, [p for p, _ in pairs], max_new_tokens=kw["max_new_tokens"]))
+        return pairs
+
+    monkeypatch.setattr(dinm_method, "self_answered_pairs", spy)
+    hp = {"steps": 4, "benign_constraint": 3, "benign_answer_tokens": 5}
+    guarded = run(model, instance, tokenizer, layer=1, hp=hp)
+    assert seen["requests"] == constraints.pick_requests(instance.id, 3)
+    assert set(seen["requests"]) <= set(constraints.constraint_requests())
+    prompts = [p for p, _ in seen["pairs"]]
+    assert prompts == seen["requests"] + [with_suffix(r, SUFFIX) for r in seen["requests"]]
+    assert [a for _, a in seen["pairs"]] == seen["answers"]  # the model's own greedy answers
+    assert guarded.metrics["benign_pairs"] == 6
+    assert guarded.losses[0]["kl_benign"] == pytest.approx(0.0, abs=1e-6)  # p_now == p_before at step 0
+    assert guarded.losses[-1]["kl_benign"] > 0
+    plain = run(model, instance, tokenizer, layer=1, hp={"steps": 4})
+    assert "kl_benign" not in plain.losses[0] and "benign_pairs" not in plain.metrics
+    assert (only_delta(plain)[1] - only_delta(guarded)[1]).abs().max() > 0
+    # a heavier benign weight keeps that KL lower
+    heavy = run(model, instance, tokenizer, layer=1, hp={**hp, "benign_kl_weight": 50.0})
+    assert heavy.losses[-1]["kl_benign"] < guarded.losses[-1]["kl_benign"]
+
+
+def test_constraint_requests_are_apart_from_the_over_refusal_set() -> None:
+    from editkit.methods.dinm.constraints import constraint_requests, pick_requests
+    from safeedit.metrics import load_benign_requests
+
+    requests = constraint_requests()
+    assert len(requests) >= 40 and len(set(requests)) == len(requests)
+    measured = {b["request"].lower() for b in load_benign_requests()}
+    assert not measured & {r.lower() for r in requests}
+    assert len(pick_requests("a", 8)) == 8 and len(set(pick_requests("a", 8))) == 8
+    assert pick_requests("a", 8) == pick_requests("a", 8)
+    assert len(pick_requests("a", 10_000)) == len(requests)
+
+
 # --------------------------------------------------------------------------- layer choice, per-run state
 
 

@@ -18,6 +18,11 @@ class DINMConfig(HParams):
     kl_weight: float = hp(1.0, "weight of KL(p_before || p_now) on the knowledge pair's answer tokens")
     constraint_pairs: int = hp(0, "extra benign (prompt, answer) pairs the caller adds to the KL term; "
                                "the SafeEdit runner draws them from other records' knowledge pairs")
+    benign_constraint: int = hp(0, "authored benign requests (editkit/data/constraint_requests.json) answered by the "
+                                "unedited model itself, each without and with the suffix, in a second KL term")
+    benign_kl_weight: float = hp(1.0, "weight of KL(p_before || p_now) on those self-answered benign requests")
+    benign_answer_tokens: int = hp(8, "length of the model's own answers to the benign requests: the opening tokens, where "
+                                   "comply or refuse is decided (every answer position costs an LM-head pass per step)")
     early_stop_loss: float = hp(1e-4, "stop when the total loss falls below this")
     weight_decay: float = hp(0.0, "Adam weight decay on the delta")
     norm_constraint: float | None = hp(None, "clamp every delta entry to [-c, c] after each step (off when null)")
@@ -36,6 +41,9 @@ class DINMConfig(HParams):
         self._check(self.c_edit >= 0 and self.kl_weight >= 0, "c_edit and kl_weight must be >= 0")
         self._check(self.c_edit > 0, "c_edit must be > 0, or the edit learns nothing")
         self._check(self.constraint_pairs >= 0, "constraint_pairs must be >= 0")
+        self._check(self.benign_constraint >= 0, "benign_constraint must be >= 0")
+        self._check(self.benign_kl_weight >= 0, "benign_kl_weight must be >= 0")
+        self._check(self.benign_answer_tokens >= 1, "benign_answer_tokens must be >= 1")
         self._check(self.early_stop_loss >= 0, "early_stop_loss must be >= 0")
         self._check(self.weight_decay >= 0, "weight_decay must be >= 0")
         self._check(self.norm_constraint is None or self.norm_constraint > 0, "norm_constraint must be > 0 or null")

@@ -1,5 +1,6 @@
 """DINM edit: locate, then train a delta on the located layer's MLP output projection with
-loss = c_edit · NLL(safe | attack ⊕ suffix) + kl_weight · KL(p_before ‖ p_now) on benign answers.
+loss = c_edit · NLL(safe | attack ⊕ suffix) + kl_weight · KL(p_before ‖ p_now) on benign answers
+[+ benign_kl_weight · KL on benign requests answered by the unedited model, see ``constraints``].
 
 Unlike the reference implementation, the KL term carries gradient, the located layer lives in the
 result (never in the shared hparams), pads are masked during localisation, and the model is
@@ -22,6 +23,7 @@ from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
 from editkit.localization import locate
 from editkit.methods.dinm.config import DINMConfig
+from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.patch import Patch
 from editkit.result import EditResult
 from editkit.text import encode_pairs, with_suffix
@@ -55,10 +57,13 @@ class DINM:
         layer: int | None = None,
         arch: ArchMap | dict | None = None,
         constraint_pairs: Sequence[tuple[str, str]] = (),
+        benign_pairs: Sequence[tuple[str, str]] | None = None,
         progress: bool = False,
     ) -> EditResult:
         """Compute the DINM edit for ``instance``; ``constraint_pairs`` adds (prompt, answer) pairs
-        to the KL constraint beside the instance's own knowledge pair."""
+        to the KL constraint beside the instance's own knowledge pair. ``benign_pairs`` replaces the
+        self-answered benign requests that ``benign_constraint`` asks for (prompts as given, no
+        suffix added)."""
         hp = self.hparams
         arch = resolve_arch(model, arch)
         timings: dict[str, float] = {}
@@ -77,18 +82,24 @@ class DINM:
                         "the knowledge pair plus those given", hp.constraint_pairs, len(constraint_pairs))
         suffix = hp.active_suffix
         kl_pairs = [(instance.knowledge_prompt, instance.knowledge_answer), *constraint_pairs]
-        batches = {
-            "edit": encode_pairs(tokenizer, [(with_suffix(instance.prompt, suffix), instance.safe)],
-                                 chat_template=hp.chat_template, max_length=hp.max_length),
-            "kl": encode_pairs(tokenizer, [(with_suffix(q, suffix), a) for q, a in kl_pairs],
-                               chat_template=hp.chat_template, max_length=hp.max_length),
-        }
+        pairs = {"edit": [(with_suffix(instance.prompt, suffix), instance.safe)],
+                 "kl": [(with_suffix(q, suffix), a) for q, a in kl_pairs]}
+        if benign_pairs is None and hp.benign_constraint:
+            benign_pairs = self_answered_pairs(model, tokenizer, pick_requests(instance.id, hp.benign_constraint),
+                                               suffix=suffix, max_new_tokens=hp.benign_answer_tokens,
+                                               chat_template=hp.chat_template)
+        if benign_pairs:
+            pairs["benign"] = list(benign_pairs)
+        batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length)
+                   for name, p in pairs.items()}
+        weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
         losses: list[dict[str, float]] = []
         t1 = time.perf_counter()
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
             edit_targets = editor.batches["edit"].targets()
             kl_targets = editor.batches["kl"].targets()
-            reference = F.log_softmax(editor.initial_logits["kl"], -1)
+            kl_names = [name for name in ("kl", "benign") if name in batches]
+            reference = {name: F.log_softmax(editor.initial_logits[name], -1) for name in kl_names}
             metrics = {
                 "edit_nll_before": float(_nll(editor.initial_logits["edit"], edit_targets)),
                 "knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)),
@@ -97,9 +108,10 @@ class DINM:
             steps = tqdm(range(hp.steps), desc=f"DINM layer {layer}", disable=not progress, leave=False)
             for step in steps:
                 nll = _nll(editor.logits("edit"), edit_targets)
-                kl = _kl(reference, editor.logits("kl"))
-                loss = hp.c_edit * nll + hp.kl_weight * kl
-                record = {"step": step, "loss": loss.item(), "edit_nll": nll.item(), "kl": kl.item()}
+                kls = {name: _kl(reference[name], editor.logits(name)) for name in kl_names}
+                loss = hp.c_edit * nll + sum(weights[name] * kl for name, kl in kls.items())
+                record = {"step": step, "loss": loss.item(), "edit_nll": nll.item(),
+                          **{"kl" if name == "kl" else f"kl_{name}": kl.item() for name, kl in kls.items()}}
                 losses.append(record)
                 steps.set_postfix(loss=f"{record['loss']:.4f}")
                 if not math.isfinite(record["loss"]):
@@ -117,9 +129,12 @@ class DINM:
                 metrics.update(
                     edit_nll_after=float(_nll(editor.logits("edit"), edit_targets)),
                     knowledge_nll_after=float(_nll(kl_logits, kl_targets)),
-                    kl_after=float(_kl(reference, kl_logits)),
+                    kl_after=float(_kl(reference["kl"], kl_logits)),
                     steps_run=len(losses),
                 )
+                if "benign" in reference:
+                    metrics.update(benign_pairs=len(pairs["benign"]),
+                                   benign_kl_after=float(_kl(reference["benign"], editor.logits("benign"))))
             delta = editor.delta.detach().clone()
             param_name = editor.param_name
         timings["edit"] = time.perf_counter() - t1

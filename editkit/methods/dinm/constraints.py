@@ -1,0 +1,55 @@
+"""Benign requests answered by the unedited model: KL pairs that guard the comply-or-refuse decision.
+
+A KL term over a factual knowledge answer watches how the model continues an answer it has already
+begun; it barely watches the first answer token of an ordinary request, which is where an edit
+towards "I'm sorry, but…" shows up as over-refusal. Pairs made of benign requests and the unedited
+model's *own* greedy answers put exactly those positions under the constraint. The requests
+(``editkit/data/constraint_requests.json``, written for this project, a third of them harmless but
+edgy-sounding) are disjoint from the over-refusal set the SafeEdit benchmark measures on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from editkit.generation import generate
+from editkit.text import ChatMode, uses_chat, with_suffix
+
+REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "constraint_requests.json"
+
+
+@lru_cache(maxsize=1)
+def constraint_requests() -> tuple[str, ...]:
+    """The authored benign requests, in file order."""
+    records = json.loads(REQUESTS_FILE.read_text(encoding="utf-8"))
+    return tuple(r["request"] for r in records)
+
+
+def pick_requests(key: str, n: int) -> list[str]:
+    """``n`` requests, a different contiguous run of the set for each ``key`` (the instance id)."""
+    pool = constraint_requests()
+    n = min(n, len(pool))
+    start = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(pool)
+    return [pool[(start + i) % len(pool)] for i in range(n)]
+
+
+def self_answered_pairs(
+    model: Any,
+    tokenizer: Any,
+    requests: list[str],
+    *,
+    suffix: str | None,
+    max_new_tokens: int,
+    chat_template: ChatMode = "auto",
+) -> list[tuple[str, str]]:
+    """(prompt, the model's own greedy answer) for every request, without and (when ``suffix`` is
+    given) with the suffix, since a method's edited model is asked both ways. In chat mode an empty
+    answer stays (its target is the end-of-turn token: the model's choice to stop at once)."""
+    prompts = list(requests) + ([with_suffix(r, suffix) for r in requests] if suffix else [])
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts),
+                       chat_template=chat_template)
+    keep_empty = uses_chat(tokenizer, chat_template)
+    return [(p, a) for p, a in zip(prompts, answers) if keep_empty or a.strip()]
