@@ -44,12 +44,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from safeedit.runner import EvalConfig, evaluate
 
     data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
-    ids = [i.strip() for i in args.ids.split(",")] if args.ids else None
-    pool = load_safeedit(data, split=args.split, ids=ids, skip_invalid=args.skip_invalid)
+    pool = load_safeedit(data, split=args.split, skip_invalid=args.skip_invalid)
     if pool.skipped:
         print(f"skipped {pool.skipped} malformed record(s)")
+    cases = pool.instances
+    if args.ids:  # the pool stays whole: a case draws the same other-case pairs as in a full run
+        cases = load_safeedit(data, split=args.split, ids=[i.strip() for i in args.ids.split(",")],
+                              skip_invalid=args.skip_invalid).instances
     shard = parse_shard(args.shard)
-    cases = pool.instances[shard[0]:: shard[1]] if shard else pool.instances
+    cases = cases[shard[0]:: shard[1]] if shard else cases
     cases = cases[: args.limit] if args.limit is not None else cases
     config = EvalConfig(method=args.method, hparams=args.hparams, mode=args.mode, suffix=args.suffix,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge)
