@@ -143,6 +143,43 @@ def test_assemble_features_checks_blocks() -> None:
         J.assemble_features(["response_x_prompt"], ["a"], [None], e[:1], None)
 
 
+def test_response_chunks() -> None:
+    text = "Short one. " + " ".join(f"w{i}" for i in range(95)) + ". Then a closing sentence of seven words here."
+    chunks = J.response_chunks(text, min_words=12, max_words=40)
+    assert " ".join(chunks).split() == text.split()  # every word kept, in order
+    # the run-on sentence is cut every 40 words; its rest (15 words) makes a chunk of its own
+    assert [len(c.split()) for c in chunks] == [2, 40, 40, 15, 8]
+    assert J.response_chunks("I can't help with that.") == ["I can't help with that."]
+    # a remainder shorter than half the minimum joins the last chunk instead of standing alone
+    assert J.response_chunks("one two three four five six. seven.", min_words=4, max_words=10) == [
+        "one two three four five six. seven."]
+
+
+def test_chunk_mean_embeddings_and_block() -> None:
+    def fake_embed(texts: list[str]) -> np.ndarray:  # one-hot by word count, so the mean is known
+        out = np.zeros((len(texts), 384), np.float32)
+        for i, t in enumerate(texts):
+            out[i, len(t.split()) % 384] = 1.0
+        return out
+
+    texts = ["a b c d e f g h i j k l. m n o p q r s t u v w x y z", "short"]
+    e_c = J.chunk_mean_embeddings(fake_embed, texts)
+    assert e_c.shape == (2, 384) and np.allclose(np.linalg.norm(e_c, axis=1), 1.0)
+    assert np.isclose(e_c[0, 12], e_c[0, 14]) and e_c[0, 12] > 0 and e_c[1, 1] == 1.0
+    x = J.assemble_features(["response", "chunk_mean"], texts, [None, None], fake_embed(texts), None, e_c)
+    assert x.shape == (2, 768) and np.array_equal(x[:, 384:], e_c)
+    with pytest.raises(ValueError, match="needs the chunk_mean"):
+        J.assemble_features(["chunk_mean"], texts, [None, None], fake_embed(texts), None)
+
+
+def test_unsafe_weight_only_on_unsafe_generations_of_the_score_head() -> None:
+    items = [TJ.Item("refusal", 0, 1, "safeedit_safe", "g1"), TJ.Item("compliance", 1, 0, "safeedit_unsafe", "g1"),
+             TJ.Item("hate", 1, 0, "toxigen_hate", "g2")]
+    *_, w_score, _ = TJ.expand(items, "score", unsafe_weight=2.0)
+    *_, w_refusal, _ = TJ.expand(items, "refusal", unsafe_weight=2.0)
+    assert w_score.tolist() == [1.0, 2.0, 0.5] and w_refusal.tolist() == [1.0, 1.0, 0.5]
+
+
 # ---------------------------------------------------------------- committed head
 
 
@@ -153,13 +190,19 @@ def test_committed_head_shapes() -> None:
     tensors = load_file(str(J.DATA_DIR / J.HEAD_WEIGHTS))
     assert set(meta["heads"]) == {"score", "refusal"}
     for head, spec in meta["heads"].items():
-        dim = sum(384 if b in ("response", "prompt", "response_x_prompt") else 1 for b in spec["features"])
+        dim = sum(384 if b in ("response", "chunk_mean", "prompt", "response_x_prompt") else 1 for b in spec["features"])
         assert spec["dim"] == dim
         assert tensors[f"{head}.weight"].shape == (dim,)
         assert tensors[f"{head}.bias"].shape == (1,)
         assert np.isfinite(tensors[f"{head}.weight"]).all()
     assert meta["held_apart_accuracy"]["SafeEdit safe+unsafe generations (all)"]["n"] > 0
     assert 0.0 <= meta["held_apart_accuracy"]["ToxiGen hate+neutral (all)"]["accuracy"] <= 1.0
+    # the metadata describes what the training script builds
+    assert meta["heads"]["score"]["features"] == list(TJ.SCORE_BLOCKS)
+    assert meta["heads"]["refusal"]["features"] == list(TJ.REFUSAL_BLOCKS)
+    assert meta["training_data"]["unsafe_generation_weight"]["score"] == TJ.UNSAFE_GENERATION_WEIGHT
+    cv = meta["grouped_cv_accuracy"]["sets"]["SafeEdit unsafe generations -> unsafe"]
+    assert cv["n"] > meta["held_apart_accuracy"]["SafeEdit unsafe generations -> unsafe"]["n"]
 
 
 def test_authored_extras_are_well_formed() -> None:
