@@ -1,13 +1,17 @@
 """Batched greedy generation with left padding (the way SafeEdit responses are produced)."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from editkit.decoding_loop import greedy_decode, loop_blocker
 from editkit.text import ChatMode, pad_id, pad_left, prompt_ids, with_suffix
+
+log = logging.getLogger(__name__)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_waste: float = 0.25) -> list[list[int]]:
@@ -42,8 +46,11 @@ def generate(
 ) -> list[str]:
     """Greedy responses to ``prompts`` (each optionally followed by ``suffix``), in input order.
 
-    Prompts are sorted by length so each left-padded batch wastes little; over-long prompts keep
-    their last ``max_prompt_tokens`` tokens.
+    Prompts are sorted by length and decoded ``batch_size`` at a time; over-long prompts keep their
+    last ``max_prompt_tokens`` tokens. For greedy decoding on a tested architecture each prompt is
+    prefilled without padding and the batch decoded from one merged left-padded cache
+    (:mod:`editkit.decoding_loop`); otherwise (sampling, other options, other models)
+    ``model.generate`` runs on length-bucketed left-padded batches.
     """
     if isinstance(prompts, str):
         raise ValueError("prompts must be a sequence of strings, not one string")
@@ -62,6 +69,20 @@ def generate(
         options.update(temperature=None, top_p=None, top_k=None)
     options.update(generate_kwargs)
     out: list[str] = [""] * len(encoded)
+    if not encoded:
+        return out
+    blocker = loop_blocker(model, options, max(len(e) for e in encoded) + max_new_tokens)
+    if blocker is None and not all(encoded):
+        blocker = "an empty prompt"
+    if blocker is None:
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+            new = greedy_decode(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
+                                eos_token_id=options["eos_token_id"], suppress_tokens=options.get("suppress_tokens"))
+            for i, ids in zip(batch, new):
+                out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return out
+    log.debug("generate: model.generate on padded batches (%s)", blocker)
     batches = length_batches([len(encoded[i]) for i in order], batch_size)
     batches = [[order[j] for j in batch] for batch in batches]
     for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
