@@ -107,11 +107,13 @@ def test_shards_split_the_cases_and_the_summary_merges_them(tokenizer, cases, tm
 def test_dinm_rows_and_sequential_mode_restores_the_model(tokenizer, cases, tmp_path):
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = EvalConfig(**FAST, method="dinm", hparams={"steps": 2, "lr": 1e-2, "constraint_pairs": 1},
-                        mode="sequential")
+    config = EvalConfig(**FAST, method="dinm", mode="sequential",
+                        hparams={"steps": 2, "lr": 1e-2, "constraint_pairs": 1, "benign_constraint": 2,
+                                 "benign_answer_tokens": 3})
     evaluate(model, tokenizer, cases[:3], tmp_path, config, judge=KeywordJudge(), progress=False)
     rows = read_cases(tmp_path)
     assert all(r["suffix"] and 0 <= r["layer"] < 4 and r["edit_metrics"]["steps_run"] == 2 for r in rows)
+    assert all(r["edit_metrics"]["benign_pairs"] == 4 for r in rows)  # 2 requests, without and with the suffix
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
