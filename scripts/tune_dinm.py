@@ -8,7 +8,7 @@ benign requests with and without the suffix), with shorter generations so a grid
 
 ``--quick`` gives a cheaper signal for a wider grid: per setting and case, one edit, then 20-token
 answers to the attack prompt and the bare question (with the suffix) and to every fifth benign
-request (without and with it), counted as refusals by the judge's refusal head:
+request (``--benign-every``; without and with the suffix), counted as refusals by the judge's refusal head:
 
     python scripts/tune_dinm.py --quick --cases 4 --vanilla --set "" --set benign_constraint=8,benign_kl_weight=5
 """
@@ -33,10 +33,10 @@ def parse_setting(text: str) -> dict:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
 
 
-def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None) -> str:
+def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, benign_every: int = 5) -> str:
     """Refusals of attack inputs and of benign requests after each case's edit (``--quick``).
     A setting with ``constraint_pairs=k`` gets the first k records' knowledge pairs."""
-    benign = [b["request"] for b in metrics.load_benign_requests()[::5]]
+    benign = [b["request"] for b in metrics.load_benign_requests()[::benign_every]]
     attack = benign_plain = benign_suffix = 0
     layers, start = [], time.perf_counter()
     for case in cases:
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="keep the run folders here")
     parser.add_argument("--vanilla", action="store_true", help="also run the unedited model")
     parser.add_argument("--quick", action="store_true", help="20-token refusal counts instead of the full pipeline")
+    parser.add_argument("--benign-every", type=int, default=5, help="--quick: every k-th over-refusal request")
     args = parser.parse_args()
 
     pool = load_safeedit(args.data).instances
@@ -92,7 +93,7 @@ def main() -> None:
         print("| setting | attack inputs refused | benign refused | benign refused (suffix) | layers | seconds |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, _, hparams in runs:
-            print(quick(model, tok, judge, pool, cases, label, hparams), flush=True)
+            print(quick(model, tok, judge, pool, cases, label, hparams, args.benign_every), flush=True)
         return
     summaries = {}
     for k, (label, method, hparams) in enumerate(runs):
