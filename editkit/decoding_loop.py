@@ -67,9 +67,8 @@ def loop_blocker(model: Any, options: Mapping[str, Any], max_length: int) -> str
         _cache_layer_class()
     except ImportError:  # the slab cache builds on transformers' per-layer cache API (4.54+)
         return "this transformers version has no per-layer cache (transformers.cache_utils.DynamicLayer)"
-    parameters = inspect.signature(model.forward).parameters
-    if "position_ids" not in parameters or "past_key_values" not in parameters:
-        return "the model's forward takes no position_ids or past_key_values"
+    if "position_ids" not in inspect.signature(model.forward).parameters or cache_keyword(model) is None:
+        return f"the model's forward takes no position_ids or cache argument (one of {CACHE_KEYWORDS})"
     gen_config = getattr(model, "generation_config", None)
     if gen_config is not None:
         from transformers import GenerationConfig
@@ -79,6 +78,18 @@ def loop_blocker(model: Any, options: Mapping[str, Any], max_length: int) -> str
         if changed:
             return f"the model's generation config sets {changed}"
     return None
+
+
+# The forward's key/value-cache argument: ``cache`` from transformers 5.24 on (where
+# ``past_key_values`` is a deprecated alias, to be removed), ``past_key_values`` before. Read from the
+# signature, never from a version number.
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: Any) -> str | None:
+    """The name under which ``model.forward`` takes a key/value cache, or None if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in CACHE_KEYWORDS if name in parameters), None)
 
 
 def eos_ids(eos: int | Sequence[int] | None) -> list[int] | None:
@@ -159,6 +170,7 @@ def _prefill(
 
     device = next(model.parameters()).device
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_arg = cache_keyword(model)
     lengths = [len(p) for p in prompts]
     width = max(lengths)
     slabs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -180,9 +192,9 @@ def _prefill(
         out = model(input_ids=torch.tensor([list(ids[shared:])], device=device),
                     attention_mask=torch.ones((1, n), dtype=torch.long, device=device),
                     position_ids=torch.arange(shared, n, device=device)[None],
-                    past_key_values=cache, use_cache=True, **keep_last)
+                    use_cache=True, **{cache_arg: cache}, **keep_last)
         first[r] = pick(out.logits[:, -1])[0]
-        layers = out.past_key_values.layers
+        layers = out.get(cache_arg, cache).layers  # the cache it was given, filled
         if not slabs:
             for layer in layers:  # [1, kv_heads, n, head_dim] -> [rows, kv_heads, capacity, head_dim]
                 shape = (len(prompts), layer.keys.shape[1], capacity, layer.keys.shape[3])
@@ -236,6 +248,7 @@ def greedy_decode(
     mask = torch.zeros((rows, capacity), dtype=torch.long, device=device)
     for r, n in enumerate(lengths):
         mask[r, width - n:] = 1
+    cache_arg = cache_keyword(model)
     offset = 0  # absolute column of the slabs' column 0 (once all-padding columns are trimmed away)
     cache = _slab_cache(slabs, width)
     for step in range(1, max_new_tokens):
@@ -251,7 +264,7 @@ def greedy_decode(
             offset += trim
             cache = _slab_cache(slabs, length - trim)
         out = model(input_ids=tokens[:, None], attention_mask=mask[:, offset:width + step],
-                    position_ids=position[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=position[:, None], use_cache=True, **{cache_arg: cache})
         tokens = pick(out.logits[:, -1])
         del out
         position = position + 1

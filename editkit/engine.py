@@ -28,10 +28,17 @@ from editkit.text import TokenBatch
 
 
 class _PassThrough(nn.Module):
-    """Stands in for a decoder layer below the edited one: returns its hidden-state input."""
+    """Stands in for a decoder layer below the edited one: returns its hidden-state input.
 
-    def __init__(self, as_tuple: bool) -> None:
+    It carries the replaced layer's plain attributes (not its weights): a model's layer loop may
+    read them, e.g. Qwen2's ``attention_type`` to pick the layer's attention mask.
+    """
+
+    def __init__(self, as_tuple: bool, replaced: nn.Module) -> None:
         super().__init__()
+        for name, value in vars(replaced).items():
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
         self.as_tuple = as_tuple
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -136,8 +143,8 @@ class DeltaEditor:
                 self.layers[i] = module
 
         self._stack.callback(restore)
-        for i in range(self.layer):
-            self.layers[i] = _PassThrough(self._as_tuple)
+        for i, module in enumerate(originals):
+            self.layers[i] = _PassThrough(self._as_tuple, module)
 
     # -- forward ---------------------------------------------------------------------------------
     def logits(self, name: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Batched greedy generation with left padding (the way SafeEdit responses are produced)."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,12 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_waste: float = 0
                 continue
         batches.append([i])
     return batches
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    """Log once per distinct reason (a long run would otherwise repeat it per batch)."""
+    log.warning("editkit.generate: using model.generate on padded batches, not the batched greedy loop: %s", reason)
 
 
 @torch.no_grad()
@@ -82,7 +89,7 @@ def generate(
             for i, ids in zip(batch, new):
                 out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
         return out
-    log.debug("generate: model.generate on padded batches (%s)", blocker)
+    _warn_fallback(blocker)
     batches = length_batches([len(encoded[i]) for i in order], batch_size)
     batches = [[order[j] for j in batch] for batch in batches]
     for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):

@@ -125,13 +125,14 @@ def test_loop_edge_cases() -> None:
 
 
 def test_slab_layer_leaves_transformers_registry_alone() -> None:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, DynamicLayer
+    from transformers import DynamicCache, cache_utils
+    from transformers.cache_utils import DynamicLayer
 
-    before = dict(DYNAMIC_LAYER_TYPE_MAPPING)
+    mapping = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})  # a registry of newer versions only
+    before = dict(mapping)
     model = tiny_model("llama")
     greedy_decode(model, _prompts()[:2], max_new_tokens=3, eos_token_id=EOS)
-    assert DYNAMIC_LAYER_TYPE_MAPPING == before
+    assert mapping == before
     assert {type(layer) for layer in DynamicCache(config=model.config).layers} == {DynamicLayer}
 
 
@@ -214,3 +215,64 @@ def test_generate_falls_back_for_models_the_loop_does_not_know(monkeypatch: pyte
     model = tiny_model("llama")
     monkeypatch.setattr(model.config, "_attn_implementation", "flex_attention")
     assert "attention implementation" in loop_blocker(model, {"eos_token_id": EOS}, 10)
+
+
+def _with_forward_keyword(model, keyword: str):
+    """``model`` whose forward takes its cache under ``keyword`` (either side of transformers' rename)."""
+    from editkit.decoding_loop import cache_keyword
+
+    real_forward, real_name = model.forward, cache_keyword(model)
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0, **kwargs):
+        cache = kwargs.pop(keyword, None)
+        assert not kwargs, f"unexpected arguments {sorted(kwargs)}"
+        return real_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **{real_name: cache})
+
+    import inspect
+
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+              for n in ("input_ids", "attention_mask", "position_ids", keyword, "use_cache", "logits_to_keep")]
+    forward.__signature__ = inspect.Signature(params)
+    model.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_loop_follows_the_forward_cache_keyword(keyword: str) -> None:
+    from editkit.decoding_loop import cache_keyword
+
+    model = _model("llama")
+    prompts = _prompts()
+    want = [_hf_greedy(model, p, 6, EOS, NO_SPECIALS) for p in prompts]
+    wrapped = _with_forward_keyword(model, keyword)
+    assert cache_keyword(wrapped) == keyword
+    assert loop_blocker(wrapped, {"eos_token_id": EOS}, 100) is None
+    assert greedy_decode(wrapped, prompts, max_new_tokens=6, eos_token_id=EOS, suppress_tokens=NO_SPECIALS) == want
+
+
+def test_loop_blocked_without_a_cache_argument() -> None:
+    model = _model("llama")
+    real = model.forward
+    model.forward = lambda input_ids=None, attention_mask=None, position_ids=None: real(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    assert "cache argument" in loop_blocker(model, {"eos_token_id": EOS}, 100)
+
+
+def test_fallback_is_logged_once_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
+    from editkit import generation
+
+    generation._warn_fallback.cache_clear()
+    model = tiny_model("llama", tie_word_embeddings=False)
+    model.generation_config.repetition_penalty = 1.5
+    tok = tiny_tokenizer()
+    with caplog.at_level("WARNING", logger="editkit.generation"):
+        editkit.generate(model, tok, TEXTS[:2], max_new_tokens=2, batch_size=1)
+        editkit.generate(model, tok, TEXTS[:2], max_new_tokens=2, batch_size=1)
+    warnings = [r for r in caplog.records if "model.generate" in r.getMessage()]
+    assert len(warnings) == 1 and "repetition_penalty" in warnings[0].getMessage()
+    caplog.clear()
+    model = _model("llama")  # the loop runs: nothing to say
+    with caplog.at_level("WARNING", logger="editkit.generation"):
+        editkit.generate(model, tok, TEXTS[:2], max_new_tokens=2)
+    assert not [r for r in caplog.records if "model.generate" in r.getMessage()]
