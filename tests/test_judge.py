@@ -306,8 +306,10 @@ def _tiny_classifier(folder: Path, arch: str, id2label: dict[int, str] | None = 
     vocab = {t: i for i, t in enumerate(specials + sorted(set(words)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # RoBERTa has one token type: its real tokenizer marks both segments of a pair as type 0
+    second = 1 if arch == "bert" else 0
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]", pair=f"[CLS] $A [SEP] $B:{second} [SEP]:{second}",
         special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
     )
     fast = PreTrainedTokenizerFast(
