@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from editkit.patch import Patch, atomic_write_dir
+from editkit.patch import Patch, atomic_write_dir, rounding_folded
+
+log = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -18,16 +22,26 @@ def save_checkpoint(
 ) -> Path:
     """Save ``model`` (with ``patch`` applied for the duration of the save, if given) and its
     tokenizer as safetensors, atomically; refuses an existing ``path`` unless ``overwrite``.
-    ``editkit.json`` in the folder records the patch's provenance."""
+    ``editkit.json`` in the folder records the patch's provenance.
+
+    A half-precision model carries the part of an edit its weights cannot hold in a forward hook
+    (see :mod:`editkit.patch`); the saved weights hold what their dtype can, and a warning says what
+    was lost (save from ``model.float()``, or ship the patch, to keep all of it)."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
-        if patch is not None:
-            with patch.applied(model):
-                model.save_pretrained(tmp, safe_serialization=True)
-            (tmp / "editkit.json").write_text(json.dumps(patch.metadata(), indent=2, default=str), encoding="utf-8")
-        else:
+        with ExitStack() as stack:
+            if patch is not None:
+                stack.enter_context(patch.applied(model))
+            lost = stack.enter_context(rounding_folded(model))
+            if lost:
+                log.warning("the checkpoint's weights cannot hold the part of the edit below their rounding step "
+                            "(norm lost per weight: %s). Save from model.float(), or save the patch beside the "
+                            "checkpoint, to keep all of it.",
+                            ", ".join(f"{name}: {norm:.3g}" for name, norm in lost.items()))
             model.save_pretrained(tmp, safe_serialization=True)
+        if patch is not None:
+            (tmp / "editkit.json").write_text(json.dumps(patch.metadata(), indent=2, default=str), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
