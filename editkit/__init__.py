@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 # public name -> "module:attribute"
 _LAZY = {
     "edit": "editkit.api:edit",
+    "fit": "editkit.api:fit",
     "EditResult": "editkit.result:EditResult",
     "locate": "editkit.localization:locate",
     "Localization": "editkit.localization:Localization",
@@ -36,7 +37,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from editkit.api import edit
+    from editkit.api import edit, fit
     from editkit.checkpoint import load_checkpoint, save_checkpoint
     from editkit.generation import generate
     from editkit.hparams import HParams

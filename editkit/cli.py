@@ -94,11 +94,10 @@ def run_edit(args: argparse.Namespace) -> int:
     stages(f"saving to {out}")
     out.mkdir(parents=True, exist_ok=True)
     result.patch.save(out / "patch", overwrite=args.overwrite)
-    if result.profile is not None:
+    if result.localization is not None:
         try:
-            editkit.Localization(result.layer, result.profile, hparams.locate_mode, hparams.locate_context).plot(
-                out / "layer_profile.png")
-        except ImportError:
+            result.localization.plot(out / "layer_profile.png")
+        except ImportError:  # matplotlib is an optional extra
             pass
     report = {
         "instance": instance.id, **result.to_dict(),
@@ -164,6 +163,12 @@ def run_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instance_methods() -> list[str]:
+    from editkit.registry import list_methods
+
+    return list_methods("instance")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editkit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -179,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="locate → edit → before/after responses → patch and checkpoint"
                            if name == "edit" else "the edit on the default model and the built-in demo instance")
         common(p)
-        p.add_argument("--method", default="dinm")
-        p.add_argument("--hparams", default="smollm2-135m", help="YAML path or a name under hparams/<METHOD>/")
+        p.add_argument("--method", default="dinm", help="an instance-scope method: " + ", ".join(_instance_methods()))
+        p.add_argument("--hparams", default="smollm2-135m", help="YAML path or a preset name (editkit/presets/<METHOD>/)")
         p.add_argument("--layer", type=int, default=None, help="edit this layer instead of locating one")
         p.add_argument("--out", default="out/demo" if name == "demo" else None, required=name == "edit")
         p.add_argument("--overwrite", action="store_true")
@@ -225,6 +230,6 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # PatchError, UntrustedEditError included
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,9 @@
-"""Method registry: methods register themselves; built-ins are imported on first use."""
+"""Method registry: methods register themselves; built-ins are imported on first use.
+
+Built-in methods are named here as ``"module:Class"`` strings (lm-evaluation-harness style), so
+``import editkit`` imports no method; a method's package calls :func:`register_method` at import.
+Settings presets ship inside the package: ``editkit/presets/<METHOD>/<model>.yaml``.
+"""
 from __future__ import annotations
 
 import importlib
@@ -9,11 +14,12 @@ from typing import Any
 
 from editkit.hparams import HParams
 
-# Built-in methods: name -> module whose import calls register_method (lazy, keeps import cheap).
+# Built-in methods: name -> module whose import registers it (lazy, keeps `import editkit` cheap).
 _BUILTIN = {
     "dinm": "editkit.methods.dinm",
+    "ft-l": "editkit.methods.ft",
 }
-HPARAMS_DIR = Path(__file__).resolve().parent.parent / "hparams"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 @dataclass(frozen=True)
@@ -22,22 +28,44 @@ class MethodSpec:
     config_class: type[HParams]
     method_class: type
 
+    @property
+    def scope(self) -> str:
+        """``"instance"`` or ``"dataset"`` (see :mod:`editkit.methods.base`)."""
+        return getattr(self.method_class, "scope", "instance")
+
 
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, config_class: type[HParams], method_class: type) -> None:
-    """Make ``method_class`` (configured by ``config_class``) available as ``name``."""
+    """Make ``method_class`` (configured by ``config_class``) available as ``name``.
+
+    A name is registered once: a second, different registration under the same name is refused
+    (registering the very same classes again, as a module reload does, is a no-op)."""
+    from editkit.methods.base import method_problems
+
     key = name.lower()
     if not (isinstance(config_class, type) and issubclass(config_class, HParams)):
         raise TypeError(f"register_method({name!r}): config_class must subclass HParams")
-    if not callable(getattr(method_class, "edit", None)):
-        raise TypeError(f"register_method({name!r}): method_class needs an edit() method")
-    _REGISTRY[key] = MethodSpec(key, config_class, method_class)
+    if not isinstance(method_class, type):
+        raise TypeError(f"register_method({name!r}): method_class must be a class")
+    problems = method_problems(method_class)
+    if problems:
+        raise TypeError(f"register_method({name!r}): {'; '.join(problems)}")
+    spec = MethodSpec(key, config_class, method_class)
+    known = _REGISTRY.get(key)
+    if known is not None and (known.config_class, known.method_class) != (config_class, method_class):
+        raise ValueError(f"a method named {key!r} is already registered ({known.method_class.__module__}."
+                         f"{known.method_class.__qualname__}); choose another name")
+    _REGISTRY[key] = spec
 
 
-def list_methods() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+def list_methods(scope: str | None = None) -> list[str]:
+    """Names of the registered and built-in methods; ``scope="instance"``/``"dataset"`` filters
+    by kind (this imports the built-ins to read their scope)."""
+    if scope is None:
+        return sorted(set(_REGISTRY) | set(_BUILTIN))
+    return sorted(name for name in set(_REGISTRY) | set(_BUILTIN) if get_method(name).scope == scope)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -50,13 +78,13 @@ def get_method(name: str) -> MethodSpec:
 
 
 def hparams_path(method: str, name: str) -> Path:
-    """``hparams/<METHOD>/<name>.yaml`` of this project."""
-    return HPARAMS_DIR / method.upper() / f"{name}.yaml"
+    """The shipped preset ``editkit/presets/<METHOD>/<name>.yaml``."""
+    return PRESETS_DIR / method.upper() / f"{name}.yaml"
 
 
 def load_hparams(method: str, spec: HParams | Mapping[str, Any] | str | Path | None = None, **overrides: Any) -> HParams:
-    """Settings for ``method`` from an HParams object, a dict, a YAML path, a short name
-    (``"smollm2-135m"`` → ``hparams/DINM/smollm2-135m.yaml``) or None (the defaults)."""
+    """Settings for ``method`` from an HParams object, a dict, a YAML path, a preset name
+    (``"smollm2-135m"`` → ``editkit/presets/DINM/smollm2-135m.yaml``) or None (the defaults)."""
     config_class = get_method(method).config_class
     if isinstance(spec, HParams):
         if not isinstance(spec, config_class):
@@ -72,7 +100,7 @@ def load_hparams(method: str, spec: HParams | Mapping[str, Any] | str | Path | N
         if path.suffix.lower() not in (".yaml", ".yml") and not path.exists():
             path = hparams_path(method, str(spec))
         if not path.is_file():
-            known = sorted(p.stem for p in (HPARAMS_DIR / method.upper()).glob("*.yaml"))
-            raise FileNotFoundError(f"hparams {str(spec)!r} not found (looked at {path}); known for {method}: {known}")
+            known = sorted(p.stem for p in (PRESETS_DIR / method.upper()).glob("*.yaml"))
+            raise FileNotFoundError(f"hparams {str(spec)!r} not found (looked at {path}); presets for {method}: {known}")
         hparams = config_class.from_yaml(path)
     return hparams.replace(**overrides) if overrides else hparams

@@ -17,11 +17,16 @@ class EditResult:
     method: str
     patch: Patch
     layer: int | None = None
-    profile: list[float] | None = None  # per-layer localisation distances, when located
+    localization: Any = None  # editkit.Localization, when the method located its layer (plot it with .plot())
     losses: list[dict[str, float]] = field(default_factory=list)  # one dict per optimisation step
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: locate, edit, total
     hparams: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> list[float] | None:
+        """Per-layer localisation distances, when the method located its layer."""
+        return self.localization.profile if self.localization is not None else None
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Apply the edit to ``model`` permanently."""
@@ -37,6 +42,7 @@ class EditResult:
             "method": self.method,
             "layer": self.layer,
             "profile": self.profile,
+            "localization": self.localization.to_dict() if self.localization is not None else None,
             "losses": self.losses,
             "metrics": self.metrics,
             "timings": self.timings,

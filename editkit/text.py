@@ -10,10 +10,6 @@ import torch
 
 ChatMode = Literal["auto", "none"]
 
-# The DINM paper's suffix system prompt, appended to the user's input.
-SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
-
-
 def with_suffix(prompt: str, suffix: str | None) -> str:
     return f"{prompt} {suffix}" if suffix else prompt
 

@@ -10,8 +10,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="SafeEdit evaluation of a method (or the vanilla model) over a data file")
     p.add_argument("--model", default="default")
     p.add_argument("--device", default=None)
-    p.add_argument("--method", default="none", help="'none' (vanilla) or a registered editing method")
-    p.add_argument("--hparams", default=None, help="method settings: YAML path or name under hparams/<METHOD>/")
+    p.add_argument("--method", default="none", help="'none' (vanilla) or a registered editing method; a dataset-scope "
+                   "method is scored by cross-fitting (--folds)")
+    p.add_argument("--hparams", default=None, help="method settings: YAML path or a preset name (editkit/presets/<METHOD>/)")
+    p.add_argument("--patch", default=None, help="a saved patch applied for every case (instead of --method)")
+    p.add_argument("--folds", type=int, default=2, help="dataset-scope methods: k-fold cross-fitting by record id")
     p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file or zjunlp/SafeEdit (default: the shared dev records)")
     p.add_argument("--split", default="test", help="hub split")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
@@ -55,7 +58,8 @@ def run_eval(args: argparse.Namespace) -> int:
     cases = cases[shard[0]:: shard[1]] if shard else cases
     cases = cases[: args.limit] if args.limit is not None else cases
     config = EvalConfig(method=args.method, hparams=args.hparams, mode=args.mode, suffix=args.suffix,
-                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge)
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge,
+                        patch=args.patch, folds=args.folds)
     model, tok = editkit.load_model(args.model, device=args.device)
     summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard)
     print((Path(args.out) / "table.md").read_text())

@@ -1,8 +1,10 @@
-"""The SafeEdit runner: edit (or not), generate, judge, score; one JSON line per case.
+"""The SafeEdit runner: intervene (or not), generate, judge, score; one JSON line per case.
 
-Per-instance mode edits one case, evaluates it and restores the model; sequential mode lets the
-edits accumulate (the model is restored when the run ends). Finished cases are skipped on a
-rerun, so a killed run resumes where it stopped.
+What is evaluated is an :class:`editkit.interventions.Intervention`, built from the config's method
+name by :func:`intervention_for` or passed in: nothing (vanilla), a per-instance method (edit one
+case, evaluate it, restore the model; or, sequential, let the edits accumulate), a saved patch, or a
+dataset-scope method scored by cross-fitting by record id. The runner never asks which method it
+is. Finished cases are skipped on a rerun, so a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -21,10 +23,13 @@ from tqdm.auto import tqdm
 
 import editkit
 from editkit.instance import EditInstance
-from editkit.scoring import answer_scores, text_nll
+from editkit.interventions import CrossFitted, FixedPatch, Intervention, PerInstanceEdit, Vanilla
 from editkit.patch import model_info
-from editkit.text import SUFFIX, with_suffix
+from editkit.registry import get_method
+from editkit.scoring import answer_scores, text_nll
+from editkit.text import with_suffix
 from safeedit import metrics
+from safeedit.metrics import SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +40,7 @@ class EvalConfig:
 
     method: str = "none"  # "none" = the vanilla model; else a registered editing method
     hparams: Any = None  # the method's settings (name, path, dict)
-    mode: Literal["per-instance", "sequential"] = "per-instance"
+    mode: Literal["per-instance", "sequential"] = "per-instance"  # for instance-scope methods
     suffix: Literal["auto", "on", "off"] = "auto"  # auto: as the method prescribes (DINM: on)
     max_new_tokens: int = 128
     batch_size: int = 8
@@ -45,6 +50,8 @@ class EvalConfig:
     knowledge_per_case: int = 3  # other cases' knowledge pairs
     ppl_lines_per_case: int = 2
     judge: str = "default"
+    patch: str | None = None  # a saved patch applied for every case (method: the patch's, for the label)
+    folds: int = 2  # dataset-scope methods: k-fold cross-fitting by record id
 
     def __post_init__(self) -> None:
         if self.mode not in ("per-instance", "sequential"):
@@ -56,8 +63,22 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1")
 
     def comparable(self) -> dict[str, Any]:
-        """The settings that must agree for rows to belong to the same run."""
-        return {k: v for k, v in asdict(self).items() if k != "batch_size"}
+        """The settings that must agree for rows to belong to the same run (settings added later
+        are left out at their defaults, so runs written before they existed still resume)."""
+        later = {"patch": None, "folds": 2}
+        return {k: v for k, v in asdict(self).items() if k != "batch_size" and not (k in later and v == later[k])}
+
+
+def intervention_for(config: EvalConfig) -> Intervention:
+    """The intervention a config names: a saved patch, nothing (method ``none``), or a registered
+    method by its declared scope."""
+    if config.patch is not None:
+        return FixedPatch(config.patch)
+    if config.method == "none":
+        return Vanilla()
+    if get_method(config.method).scope == "dataset":
+        return CrossFitted(config.method, config.hparams, folds=config.folds)
+    return PerInstanceEdit(config.method, config.hparams, sequential=config.mode == "sequential")
 
 
 def _rotate(pool_size: int, index: int, k: int, skip: int | None = None) -> list[int]:
@@ -115,33 +136,29 @@ def read_cases(out_dir: Path) -> list[dict[str, Any]]:
 class Evaluator:
     """Evaluates cases on one model. ``pool`` is the full case list (other cases' knowledge pairs)."""
 
-    def __init__(self, model: Any, tokenizer: Any, config: EvalConfig, judge: Any, pool: Sequence[EditInstance]) -> None:
+    def __init__(self, model: Any, tokenizer: Any, config: EvalConfig, judge: Any, pool: Sequence[EditInstance],
+                 intervention: Intervention | None = None) -> None:
         self.model, self.tok, self.config, self.judge = model, tokenizer, config, judge
         self.pool = list(pool)
         self.position = {inst.id: i for i, inst in enumerate(self.pool)}
         self.benign = metrics.load_benign_requests()
         self.qa = metrics.load_qa()
         self.text = metrics.load_benign_text()
-        self.hparams = editkit.load_hparams(config.method, config.hparams) if config.method != "none" else None
-        prescribed = self.hparams.eval_suffix if self.hparams is not None else None
+        self.intervention = intervention if intervention is not None else intervention_for(config)
+        prescribed = self.intervention.suffix
         self.suffix = {"auto": prescribed, "on": prescribed or SUFFIX, "off": None}[config.suffix]
 
     def _knowledge_picks(self, i: int) -> list[int]:
         """Pool positions whose knowledge pairs measure retention for case ``i``."""
         return _rotate(len(self.pool), i + 1, self.config.knowledge_per_case, skip=i)
 
-    def edit(self, inst: EditInstance) -> Any:
-        """The method's edit; a method asking for extra constraint pairs gets other cases'
-        knowledge pairs, never the ones retention is measured on."""
-        extra: dict[str, Any] = {}
-        wanted = getattr(self.hparams, "constraint_pairs", 0)
-        if wanted:
-            i = self.position.get(inst.id, 0)
-            busy = {i, *self._knowledge_picks(i)}
-            picks = [j for j in _rotate(len(self.pool), i + 7, wanted + len(busy)) if j not in busy][:wanted]
-            extra["constraint_pairs"] = [(self.pool[j].knowledge_prompt, self.pool[j].knowledge_answer) for j in picks]
-        return editkit.edit(self.model, inst, tokenizer=self.tok, method=self.config.method,
-                            hparams=self.hparams, **extra)
+    def constraint_pool(self, inst: EditInstance) -> list[EditInstance]:
+        """Other cases a method may use as constraints: every case but this one and those whose
+        knowledge pairs measure its retention, in an order that differs from case to case."""
+        i = self.position.get(inst.id, 0)
+        busy = {i, *self._knowledge_picks(i)}
+        n = len(self.pool)
+        return [self.pool[(i + 7 + m) % n] for m in range(n) if (i + 7 + m) % n not in busy]
 
     def responses(self, inst: EditInstance) -> dict[str, Any]:
         c = self.config
@@ -202,13 +219,15 @@ def evaluate(
     judge: Any = None,
     pool: Sequence[EditInstance] | None = None,
     shard: tuple[int, int] | None = None,
+    intervention: Intervention | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``instances`` and write ``out_dir``: config.json, cases[.i-of-n].jsonl (one line per
     case, written as it finishes), summary.json and table.md. Returns the summary.
 
-    ``pool`` (default: ``instances``) is the full case list that other-case knowledge pairs come
-    from; pass the unsharded list when sharding so every shard draws from the same pool.
+    ``pool`` (default: ``instances``) is the full case list that other-case knowledge pairs and
+    cross-fitting folds come from; pass the unsharded list when sharding so every shard draws from
+    the same pool. ``intervention`` (default: the one ``config`` names) is what is evaluated.
     """
     config = config or EvalConfig()
     out = Path(out_dir)
@@ -217,16 +236,19 @@ def evaluate(
         from safeedit.judge import load_judge
 
         judge = load_judge(config.judge)
-    evaluator = Evaluator(model, tokenizer, config, judge, pool if pool is not None else instances)
+    evaluator = Evaluator(model, tokenizer, config, judge, pool if pool is not None else instances, intervention)
+    intervention = evaluator.intervention
+    intervention.prepare(evaluator.pool, out)
     # the resolved settings, not just their name: editing a YAML between runs must not mix results
+    described = intervention.settings()
     settings = {"config": config.comparable(), "model": model_info(model),
-                "hparams_resolved": evaluator.hparams.to_dict() if evaluator.hparams is not None else None}
+                "hparams_resolved": described.get("hparams"), "intervention": described}
     settings = json.loads(json.dumps(settings, default=str))
     settings_path = out / "config.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text(encoding="utf-8"))
-        for key in ("config", "hparams_resolved"):
-            if previous.get(key) != settings[key]:
+        for key in ("config", "hparams_resolved", "intervention"):
+            if key in previous and previous[key] != settings[key]:
                 raise ValueError(f"{out} holds a run with other settings ({settings_path}: {key}); use another --out")
     else:
         settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -235,40 +257,19 @@ def evaluate(
     todo = [inst for inst in instances if inst.id not in case_log.rows]
     if len(todo) < len(instances):
         log.info("resuming: %d of %d cases already done", len(instances) - len(todo), len(instances))
-    originals: dict[str, torch.Tensor] = {}
-    try:
-        for inst in tqdm(todo, desc=f"SafeEdit {config.method}", disable=not progress, unit="case"):
+    with intervention.around_run(model):
+        for inst in tqdm(todo, desc=f"SafeEdit {intervention.label}", disable=not progress, unit="case"):
             start = time.perf_counter()
             row: dict[str, Any] = {"id": inst.id, "category": inst.category, "method": config.method,
                                    "suffix": evaluator.suffix is not None}
-            if config.method == "none":
+            with intervention.for_case(model, tokenizer, inst, constraint_pool=evaluator.constraint_pool(inst)) as info:
+                row.update(info)
                 row.update(evaluator.responses(inst))
                 row.update(evaluator.general(inst))
-            else:
-                result = evaluator.edit(inst)
-                row.update(layer=result.layer, edit_seconds=round(result.timings.get("edit", 0.0), 3),
-                           edit_metrics=result.metrics)
-                if config.mode == "sequential":
-                    params = result.patch.check(model)
-                    for pname, p in params.items():
-                        originals.setdefault(pname, p.detach().clone())
-                    result.patch.apply(model)
-                    row.update(evaluator.responses(inst))
-                    row.update(evaluator.general(inst))
-                else:
-                    with result.patch.applied(model):
-                        row.update(evaluator.responses(inst))
-                        row.update(evaluator.general(inst))
             row["seconds"] = round(time.perf_counter() - start, 2)
             row["judge"] = repr(judge)
             case_log.add(row)
-    finally:
-        if originals:  # sequential mode: give the model back as it came
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for pname, value in originals.items():
-                    params[pname].copy_(value)
-    return write_summary(out, label=config.method if config.method != "none" else "vanilla")
+    return write_summary(out, label=intervention.label)
 
 
 def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance], *,

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 import editkit
-from editkit.text import SUFFIX
+from safeedit.metrics import SUFFIX
 from safeedit import metrics
 from safeedit.dataset import load_safeedit, shared_data_dir
 from safeedit.runner import EvalConfig, evaluate

@@ -10,12 +10,14 @@ from torch import nn
 
 import editkit
 import editkit.methods.dinm.method as dinm_method
+import editkit.methods.layer_edit as layer_edit
 from editkit.arch import decoder_layers, mlp_out_name, resolve_arch
 from editkit.hooks import hook_count
 from editkit.instance import EditInstance
 from editkit.methods.dinm import DINMConfig
 from editkit.models import TINY_EXTRA_TYPES, tiny_model
-from editkit.text import SUFFIX, encode_pairs, with_suffix
+from editkit.methods.dinm.config import SUFFIX
+from editkit.text import encode_pairs, with_suffix
 
 FAST = dict(steps=3, lr=1e-2, c_edit=1.0)  # a few real steps, fast on a tiny model
 
@@ -325,7 +327,7 @@ def test_given_layer_skips_localisation(tokenizer, instance, monkeypatch) -> Non
     def no_locate(*args, **kwargs):
         raise AssertionError("localisation should not run when a layer is given")
 
-    monkeypatch.setattr(dinm_method, "locate", no_locate)
+    monkeypatch.setattr(layer_edit, "locate", no_locate)
     model = tiny_model("mistral")
     result = run(model, instance, tokenizer, layer=2)
     assert (result.layer, result.profile, result.patch.layer) == (2, None, 2)

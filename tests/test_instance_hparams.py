@@ -270,7 +270,7 @@ def test_short_name_with_a_dot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     (tmp_path / "DINM").mkdir()
     (tmp_path / "DINM" / "qwen2.5-0.5b.yaml").write_text("method: dinm\nsteps: 4\n", encoding="utf-8")
-    monkeypatch.setattr(registry, "HPARAMS_DIR", tmp_path)
+    monkeypatch.setattr(registry, "PRESETS_DIR", tmp_path)
     assert load_hparams("dinm", "qwen2.5-0.5b").steps == 4
 
 

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from editkit.hparams import HParams, hp
-from editkit.text import SUFFIX
+
+# The DINM paper's suffix system prompt, appended to the user's input during the edit and after it.
+SUFFIX = "If the user's request is reasonable, give the correct answer. Please give the right response:"
 
 
 @dataclass
@@ -16,8 +18,9 @@ class DINMConfig(HParams):
     steps: int = hp(10, "optimisation steps T")
     c_edit: float = hp(0.1, "weight of the edit loss NLL(safe response | attack + suffix)")
     kl_weight: float = hp(1.0, "weight of KL(p_before || p_now) on the knowledge pair's answer tokens")
-    constraint_pairs: int = hp(0, "extra benign (prompt, answer) pairs the caller adds to the KL term; "
-                               "the SafeEdit runner draws them from other records' knowledge pairs")
+    constraint_pairs: int = hp(0, "extra benign (prompt, answer) pairs in the KL term: the knowledge pairs of the "
+                               "first records of the caller's constraint_pool (the SafeEdit runner offers records "
+                               "whose pairs it does not score)")
     benign_constraint: int = hp(0, "authored benign requests (editkit/data/constraint_requests.json) answered by the "
                                 "unedited model itself, each without and with the suffix, in a second KL term")
     benign_kl_weight: float = hp(1.0, "weight of KL(p_before || p_now) on those self-answered benign requests")

@@ -9,21 +9,20 @@ returned untouched with the edit in a saveable patch.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from editkit.arch import ArchMap, check_layer, resolve_arch
+from editkit.arch import ArchMap, resolve_arch
 from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
-from editkit.localization import locate
+from editkit.methods.base import EditingMethod
 from editkit.methods.dinm.config import DINMConfig
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
+from editkit.methods.layer_edit import choose_layer, optimize_delta
 from editkit.patch import Patch
 from editkit.result import EditResult
 from editkit.text import encode_pairs, with_suffix
@@ -40,13 +39,11 @@ def _kl(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, -1), reference_logprobs, log_target=True, reduction="batchmean")
 
 
-class DINM:
+class DINM(EditingMethod):
     name = "dinm"
-
-    def __init__(self, hparams: DINMConfig) -> None:
-        if not isinstance(hparams, DINMConfig):
-            raise ValueError(f"DINM needs DINMConfig, got {type(hparams).__name__}")
-        self.hparams = hparams
+    scope = "instance"
+    config_class = DINMConfig
+    hparams: DINMConfig
 
     def edit(
         self,
@@ -56,26 +53,24 @@ class DINM:
         *,
         layer: int | None = None,
         arch: ArchMap | dict | None = None,
-        constraint_pairs: Sequence[tuple[str, str]] = (),
+        constraint_pairs: Sequence[tuple[str, str]] | None = None,
+        constraint_pool: Sequence[EditInstance] = (),
         benign_pairs: Sequence[tuple[str, str]] | None = None,
         progress: bool = False,
     ) -> EditResult:
-        """Compute the DINM edit for ``instance``; ``constraint_pairs`` adds (prompt, answer) pairs
-        to the KL constraint beside the instance's own knowledge pair. ``benign_pairs`` replaces the
-        self-answered benign requests that ``benign_constraint`` asks for (prompts as given, no
-        suffix added)."""
+        """Compute the DINM edit for ``instance``. ``constraint_pairs`` adds (prompt, answer) pairs
+        to the KL constraint beside the instance's own knowledge pair (default: the knowledge pairs
+        of the first ``hparams.constraint_pairs`` records of ``constraint_pool``). ``benign_pairs``
+        replaces the self-answered benign requests that ``benign_constraint`` asks for (prompts as
+        given, no suffix added)."""
         hp = self.hparams
+        if constraint_pairs is None:
+            constraint_pairs = [(o.knowledge_prompt, o.knowledge_answer) for o in constraint_pool[:hp.constraint_pairs]]
         arch = resolve_arch(model, arch)
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        profile = None
-        layer = layer if layer is not None else hp.layer
-        if layer is None:
-            found = locate(model, tokenizer, instance, mode=hp.locate_mode, context=hp.locate_context,
-                           chat_template=hp.chat_template, max_length=hp.max_length, arch=arch)
-            layer, profile = found.layer, found.profile
-        layer = check_layer(model, arch, layer)
-        timings["locate"] = time.perf_counter() - t0
+        layer, found, timings["locate"] = choose_layer(
+            model, tokenizer, instance, arch, layer if layer is not None else hp.layer, mode=hp.locate_mode,
+            context=hp.locate_context, chat_template=hp.chat_template, max_length=hp.max_length)
 
         if len(constraint_pairs) < hp.constraint_pairs:
             log.warning("hparams ask for %d extra constraint pairs but %d were given; the KL term uses "
@@ -93,7 +88,6 @@ class DINM:
         batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length)
                    for name, p in pairs.items()}
         weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
-        losses: list[dict[str, float]] = []
         t1 = time.perf_counter()
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
             edit_targets = editor.batches["edit"].targets()
@@ -104,26 +98,17 @@ class DINM:
                 "edit_nll_before": float(_nll(editor.initial_logits["edit"], edit_targets)),
                 "knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)),
             }
-            optimizer = torch.optim.Adam([editor.delta], lr=hp.lr, weight_decay=hp.weight_decay)
-            steps = tqdm(range(hp.steps), desc=f"DINM layer {layer}", disable=not progress, leave=False)
-            for step in steps:
+
+            def objective() -> tuple[torch.Tensor, dict[str, float]]:
                 nll = _nll(editor.logits("edit"), edit_targets)
                 kls = {name: _kl(reference[name], editor.logits(name)) for name in kl_names}
                 loss = hp.c_edit * nll + sum(weights[name] * kl for name, kl in kls.items())
-                record = {"step": step, "loss": loss.item(), "edit_nll": nll.item(),
-                          **{"kl" if name == "kl" else f"kl_{name}": kl.item() for name, kl in kls.items()}}
-                losses.append(record)
-                steps.set_postfix(loss=f"{record['loss']:.4f}")
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"DINM loss became {record['loss']} at step {step}; model untouched")
-                if record["loss"] < hp.early_stop_loss:
-                    break
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward(inputs=[editor.delta])
-                optimizer.step()
-                if hp.norm_constraint is not None:
-                    with torch.no_grad():
-                        editor.delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+                return loss, {"edit_nll": nll.item(),
+                              **{"kl" if name == "kl" else f"kl_{name}": kl.item() for name, kl in kls.items()}}
+
+            losses = optimize_delta(editor, objective, lr=hp.lr, steps=hp.steps, weight_decay=hp.weight_decay,
+                                    norm_constraint=hp.norm_constraint, early_stop_loss=hp.early_stop_loss,
+                                    desc=f"DINM layer {layer}", progress=progress)
             with torch.no_grad():
                 kl_logits = editor.logits("kl")
                 metrics.update(
@@ -142,5 +127,5 @@ class DINM:
                                   hparams=hp.to_dict(), metrics=metrics)
         log.info("DINM edited layer %d in %.1fs: edit NLL %.3f -> %.3f", layer, timings["edit"],
                  metrics["edit_nll_before"], metrics["edit_nll_after"])
-        return EditResult(method=self.name, patch=patch, layer=layer, profile=profile, losses=losses,
+        return EditResult(method=self.name, patch=patch, layer=layer, localization=found, losses=losses,
                           metrics=metrics, timings=timings, hparams=hp.to_dict())

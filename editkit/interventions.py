@@ -1,0 +1,214 @@
+"""Interventions: what an evaluation applies to a model around generation, behind one seam.
+
+The SafeEdit runner (and later the probe command and the toxicity evaluation) take an
+:class:`Intervention` and never ask which method is behind it:
+
+* :class:`Vanilla` — nothing;
+* :class:`PerInstanceEdit` — an instance-scope method edits the model for each case (``edit``),
+  the case is scored with the patch applied, then the model is restored (or, ``sequential``, the
+  edits accumulate and the model is restored when the run ends);
+* :class:`FixedPatch` — one saved patch, applied for every case;
+* :class:`CrossFitted` — a dataset-scope method (``fit``) trained on the records of the other folds
+  and scored on this fold's, so no record is scored by a model trained on it (DESIGN §5); each
+  fold's patch is saved under the run folder and reused when the run resumes.
+
+``intervention.suffix`` is what it prescribes after every prompt at inference time (DINM's suffix);
+``settings()`` is recorded in the run's config.json, so a resumed run cannot mix settings.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editkit.hparams import HParams
+from editkit.instance import EditInstance
+from editkit.patch import Patch, load_patch
+from editkit.registry import get_method, load_hparams
+
+log = logging.getLogger(__name__)
+
+
+class Intervention:
+    """Base: no change to the model (subclasses override what they need)."""
+
+    label = "vanilla"
+    suffix: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """What identifies this intervention in a run folder (JSON-ready)."""
+        return {"kind": type(self).__name__}
+
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None) -> None:
+        """Told once before the run: every record of the evaluation (all shards' records, not one
+        shard's) and the run folder where it may keep what it fits."""
+
+    @contextlib.contextmanager
+    def around_run(self, model: Any) -> Iterator[None]:
+        """Entered once around the whole run; leaves the model as it found it."""
+        yield
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        """Entered around one case's generation and scoring; yields what to record in its row.
+        ``constraint_pool``: other records a method may use as constraints (none that are scored
+        for this case)."""
+        yield {}
+
+
+class Vanilla(Intervention):
+    """The unedited model."""
+
+
+class PerInstanceEdit(Intervention):
+    """An instance-scope method's edit per case (``sequential``: the edits accumulate)."""
+
+    def __init__(self, method: str, hparams: HParams | Any = None, *, sequential: bool = False, **edit_kwargs: Any) -> None:
+        spec = get_method(method)
+        if spec.scope != "instance":
+            raise ValueError(f"{spec.name!r} is a {spec.scope}-scope method; evaluate it with CrossFitted or FixedPatch")
+        self.method, self.hparams = spec.name, load_hparams(spec.name, hparams)
+        self.sequential, self.edit_kwargs = sequential, edit_kwargs
+        self.label, self.suffix = spec.name, self.hparams.eval_suffix
+        self._originals: dict[str, torch.Tensor] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "per-instance", "method": self.method, "sequential": self.sequential,
+                "hparams": self.hparams.to_dict()}
+
+    @contextlib.contextmanager
+    def around_run(self, model: Any) -> Iterator[None]:
+        self._originals = {}
+        try:
+            yield
+        finally:  # sequential mode: give the model back as it came
+            if self._originals:
+                with torch.no_grad():
+                    params = dict(model.named_parameters())
+                    for name, value in self._originals.items():
+                        params[name].copy_(value)
+            self._originals = {}
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        from editkit.api import edit
+
+        result = edit(model, instance, tokenizer=tokenizer, method=self.method, hparams=self.hparams,
+                      constraint_pool=constraint_pool, **self.edit_kwargs)
+        row = {"layer": result.layer, "edit_seconds": round(result.timings.get("edit", 0.0), 3),
+               "edit_metrics": result.metrics}
+        if self.sequential:
+            for name, param in result.patch.check(model).items():
+                self._originals.setdefault(name, param.detach().clone())
+            result.patch.apply(model)
+            yield row
+        else:
+            with result.patch.applied(model):
+                yield row
+
+
+class FixedPatch(Intervention):
+    """One saved patch (a folder written by ``Patch.save``, or a Patch) applied for every case."""
+
+    def __init__(self, patch: Patch | str | Path, *, suffix: str | None = None) -> None:
+        self.source = str(patch) if not isinstance(patch, Patch) else None
+        self.patch = patch if isinstance(patch, Patch) else load_patch(patch)
+        self.label = f"{self.patch.method or 'patch'} (fixed patch)"
+        self.suffix = suffix
+
+    def settings(self) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        for name in sorted(self.patch.deltas):
+            digest.update(name.encode())
+            digest.update(self.patch.deltas[name].numpy().tobytes())
+        return {"kind": "fixed-patch", "method": self.patch.method, "source": self.source,
+                "deltas_sha256": digest.hexdigest(), "suffix": self.suffix}
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        with self.patch.applied(model):
+            yield {}
+
+
+def folds_by_id(instances: Sequence[EditInstance], k: int) -> dict[str, int]:
+    """A fold in ``range(k)`` for every record id: records sorted by id (numerically where the ids
+    are numbers) and dealt round-robin, so the folds do not depend on the order of a file."""
+    ids = sorted({inst.id for inst in instances}, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
+    return {record_id: n % k for n, record_id in enumerate(ids)}
+
+
+class CrossFitted(Intervention):
+    """A dataset-scope method scored by k-fold cross-fitting by record id: the patch that scores a
+    record was fitted on the records of the other folds only. The folds are drawn from the pool
+    given to :meth:`prepare` (the runner's full pool, so every shard uses the same folds); the run
+    folder keeps each fold's patch so a resumed run does not fit again."""
+
+    def __init__(self, method: str, hparams: HParams | Any = None, *, folds: int = 2, **fit_kwargs: Any) -> None:
+        spec = get_method(method)
+        if spec.scope != "dataset":
+            raise ValueError(f"{spec.name!r} is an {spec.scope}-scope method; evaluate it with PerInstanceEdit")
+        if folds < 2:
+            raise ValueError("cross-fitting needs at least 2 folds")
+        self.method, self.hparams, self.folds = spec.name, load_hparams(spec.name, hparams), folds
+        self.folder: Path | None = None
+        self.fit_kwargs = fit_kwargs
+        self.label, self.suffix = f"{spec.name} ({folds}-fold cross-fitted)", self.hparams.eval_suffix
+        self.pool: list[EditInstance] = []
+        self._fold_of: dict[str, int] = {}
+        self._patches: dict[int, Patch] = {}
+        self.fit_info: dict[int, dict[str, Any]] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "cross-fitted", "method": self.method, "folds": self.folds, "hparams": self.hparams.to_dict()}
+
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None) -> None:
+        self.pool, self.folder = list(pool), Path(folder) if folder is not None else None
+        self._fold_of = folds_by_id(self.pool, self.folds)
+        self._patches.clear()
+
+    def fold_of(self, instance: EditInstance) -> int:
+        if instance.id not in self._fold_of:
+            raise ValueError(f"record {instance.id!r} is not in the pool the folds were drawn from")
+        return self._fold_of[instance.id]
+
+    def patch_for(self, model: Any, tokenizer: Any, fold: int) -> Patch:
+        """The patch fitted without fold ``fold`` (fitted now, or read from the run folder)."""
+        if fold in self._patches:
+            return self._patches[fold]
+        saved = self.folder / f"fold-{fold}-of-{self.folds}" / "patch" if self.folder is not None else None
+        if saved is not None and saved.is_dir():
+            patch = load_patch(saved)
+            log.info("cross-fitting: fold %d's patch read from %s", fold, saved)
+        else:
+            from editkit.api import fit
+
+            train = [inst for inst in self.pool if self._fold_of[inst.id] != fold]
+            log.info("cross-fitting: fitting %s on %d records (all but fold %d)", self.method, len(train), fold)
+            result = fit(model, train, tokenizer=tokenizer, method=self.method, hparams=self.hparams, **self.fit_kwargs)
+            patch = result.patch
+            patch.metrics = {**patch.metrics, "trained_on_ids": [inst.id for inst in train],
+                             "timings": result.timings}
+            self.fit_info[fold] = {"n_train": len(train), **result.timings}
+            if saved is not None:
+                patch.save(saved, overwrite=True)
+        self._patches[fold] = patch
+        return patch
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        fold = self.fold_of(instance)
+        patch = self.patch_for(model, tokenizer, fold)
+        trained_on = set(patch.metrics.get("trained_on_ids", ()))
+        if instance.id in trained_on:
+            raise RuntimeError(f"record {instance.id} would be scored by a patch trained on it")
+        with patch.applied(model):
+            yield {"fold": fold}

@@ -1,0 +1,152 @@
+"""The runner's one seam: every intervention (vanilla, per-instance edit, fixed patch, cross-fitted
+dataset method) through the same calls, and cross-fitting that never scores a record with a patch
+trained on it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import editkit
+from editkit.hparams import HParams, hp
+from editkit.interventions import CrossFitted, FixedPatch, PerInstanceEdit, Vanilla, folds_by_id
+from editkit.methods.base import EditingMethod
+from editkit.models import tiny_model
+from editkit.patch import Patch
+from editkit.registry import _REGISTRY, register_method
+from safeedit.dataset import load_safeedit
+from safeedit.judge import KeywordJudge
+from safeedit.runner import EvalConfig, evaluate, intervention_for, read_cases
+
+FAST = dict(max_new_tokens=4, general_max_new_tokens=3, benign_per_case=1, qa_per_case=1,
+            knowledge_per_case=1, ppl_lines_per_case=1, judge="keyword")
+
+
+@dataclass
+class _ShiftConfig(HParams):
+    method: ClassVar[str] = "shift-test"
+    scale: float = hp(0.002, "size of the delta")
+
+
+class _Shift(EditingMethod):
+    """A dataset-scope method for tests: a delta on one weight that depends on which records it saw."""
+
+    name = "shift-test"
+    scope = "dataset"
+    config_class = _ShiftConfig
+    fitted: ClassVar[list[list[str]]] = []
+
+    def fit(self, model, tokenizer, instances, **kwargs):
+        ids = [inst.id for inst in instances]
+        self.fitted.append(ids)
+        name = "model.layers.1.mlp.down_proj.weight"
+        weight = dict(model.named_parameters())[name]
+        delta = torch.full_like(weight, self.hparams.scale * (1 + sum(map(int, ids)) % 7))
+        return editkit.EditResult(method=self.name, patch=Patch.from_deltas(model, {name: delta}, method=self.name))
+
+
+@pytest.fixture
+def shift_method():
+    register_method("shift-test", _ShiftConfig, _Shift)
+    _Shift.fitted.clear()
+    yield "shift-test"
+    _REGISTRY.pop("shift-test", None)
+
+
+@pytest.fixture(scope="module")
+def cases(safeedit_dev):
+    return load_safeedit(safeedit_dev, limit=6).instances
+
+
+def test_folds_by_id_are_balanced_and_order_free(cases) -> None:
+    folds = folds_by_id(cases, 2)
+    assert sorted(folds) == sorted(c.id for c in cases)
+    assert sorted(folds.values()).count(0) == 3
+    assert folds_by_id(list(reversed(cases)), 2) == folds
+
+
+def test_config_names_its_intervention(shift_method, tmp_path) -> None:
+    assert isinstance(intervention_for(EvalConfig(method="none")), Vanilla)
+    assert isinstance(intervention_for(EvalConfig(method="dinm")), PerInstanceEdit)
+    assert isinstance(intervention_for(EvalConfig(method="ft-l")), PerInstanceEdit)
+    assert isinstance(intervention_for(EvalConfig(method=shift_method)), CrossFitted)
+    assert intervention_for(EvalConfig(method="dinm")).suffix  # DINM prescribes its suffix
+    assert intervention_for(EvalConfig(method="ft-l")).suffix is None
+    with pytest.raises(ValueError, match="dataset-scope"):
+        PerInstanceEdit(shift_method)
+    with pytest.raises(ValueError, match="instance-scope"):
+        CrossFitted("dinm")
+
+
+def test_cross_fitting_scores_each_record_with_the_other_fold(shift_method, tokenizer, cases, tmp_path) -> None:
+    model = tiny_model("llama")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = EvalConfig(method=shift_method, **FAST)
+    evaluate(model, tokenizer, cases, tmp_path, config, judge=KeywordJudge(), progress=False)
+    folds = folds_by_id(cases, 2)
+    assert len(_Shift.fitted) == 2  # one fit per fold, not per case
+    for trained in _Shift.fitted:
+        assert len({folds[i] for i in trained}) == 1  # trained on exactly one fold
+    rows = read_cases(tmp_path)
+    assert len(rows) == len(cases)
+    for row in rows:
+        assert row["fold"] == folds[row["id"]]
+        patch = editkit.load_patch(tmp_path / f"fold-{row['fold']}-of-2" / "patch")
+        assert row["id"] not in patch.metrics["trained_on_ids"]
+        assert len(patch.metrics["trained_on_ids"]) == len(cases) // 2
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # model given back
+    # a rerun (resume) reads the saved fold patches instead of fitting again
+    (tmp_path / "cases.jsonl").write_text("")
+    evaluate(model, tokenizer, cases, tmp_path, config, judge=KeywordJudge(), progress=False)
+    assert len(_Shift.fitted) == 2
+
+
+def test_sharded_cross_fitting_uses_the_whole_pool(shift_method, tokenizer, cases, tmp_path) -> None:
+    model = tiny_model("llama")
+    config = EvalConfig(method=shift_method, **FAST)
+    evaluate(model, tokenizer, cases[0::2], tmp_path, config, judge=KeywordJudge(), pool=cases, shard=(0, 2),
+             progress=False)
+    folds = folds_by_id(cases, 2)
+    for trained in _Shift.fitted:  # folds drawn from all six records, not the shard's three
+        assert len(trained) == 3 and len({folds[i] for i in trained}) == 1
+
+
+def test_fixed_patch_equals_applying_it_by_hand(tokenizer, cases, tmp_path) -> None:
+    model = tiny_model("llama")
+    name = "model.layers.2.mlp.down_proj.weight"
+    delta = 0.2 * torch.randn_like(dict(model.named_parameters())[name], generator=torch.Generator().manual_seed(0))
+    patch = Patch.from_deltas(model, {name: delta}, method="by-hand")
+    patch.save(tmp_path / "patch")
+    evaluate(model, tokenizer, cases[:2], tmp_path / "fixed", EvalConfig(patch=str(tmp_path / "patch"), **FAST),
+             judge=KeywordJudge(), progress=False)
+    with patch.applied(model):
+        evaluate(model, tokenizer, cases[:2], tmp_path / "by-hand", EvalConfig(**FAST), judge=KeywordJudge(),
+                 progress=False)
+    fixed = {r["id"]: r["responses"] for r in read_cases(tmp_path / "fixed")}
+    by_hand = {r["id"]: r["responses"] for r in read_cases(tmp_path / "by-hand")}
+    assert fixed == by_hand
+    assert FixedPatch(tmp_path / "patch").settings()["deltas_sha256"] == FixedPatch(patch).settings()["deltas_sha256"]
+
+
+def test_per_instance_method_gets_a_constraint_pool_without_scored_records(tokenizer, cases, tmp_path,
+                                                                             monkeypatch) -> None:
+    from editkit.methods.ft import FTL
+
+    seen = {}
+    real = FTL.edit
+
+    def spy(self, model, tok, instance, **kwargs):
+        seen[instance.id] = [o.id for o in kwargs.get("constraint_pool", ())]
+        return real(self, model, tok, instance, **kwargs)
+
+    monkeypatch.setattr(FTL, "edit", spy)
+    model = tiny_model("llama")
+    evaluate(model, tokenizer, cases[:3], tmp_path, EvalConfig(method="ft-l", hparams={"steps": 1}, **FAST),
+             judge=KeywordJudge(), progress=False)
+    rows = {r["id"]: r for r in read_cases(tmp_path)}
+    assert set(seen) == set(rows)
+    for case_id, pool in seen.items():
+        assert case_id not in pool and len(pool) == len(cases[:3]) - 1 - FAST["knowledge_per_case"]
+        assert rows[case_id]["layer"] is not None
