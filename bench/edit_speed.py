@@ -1,7 +1,7 @@
 """DINM edit speed and memory: fast path vs plain path vs the compute floor, as ratios from one run.
 
 For each of N SafeEdit dev records (default 3) this measures, on one model (default:
-SmolLM2-135M-Instruct), with the DINM settings of ``hparams/DINM/smollm2-135m.yaml``:
+SmolLM2-135M-Instruct), with the DINM settings of ``editkit/presets/DINM/smollm2-135m.yaml``:
 
 * ``fast``  — ``editkit.edit(..., fast_path=True)``: EditResult.timings["edit"] (the optimisation:
   one no-grad reference forward per batch, T steps, one final no-grad evaluation) and ["total"]

@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--model", default="default", help="HF path or hub name; 'default' = SmolLM2-135M-Instruct")
     parser.add_argument("--instance", default=str(REPO / "safeedit" / "data" / "demo_instance.json"),
                         help="SafeEdit JSON; the first record is edited (file.json#ID picks one)")
-    parser.add_argument("--hparams", default="smollm2-135m", help="DINM YAML path or name under hparams/DINM/")
+    parser.add_argument("--hparams", default="smollm2-135m", help="DINM YAML path or a preset name (editkit/presets/DINM/)")
     parser.add_argument("--out", default="out/patch", help="folder to save the patch in")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing patch folder")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="HF path or hub name; 'default' = SmolLM2-135M-Instruct")
     parser.add_argument("--instance", default=str(REPO / "safeedit" / "data" / "demo_instance.json"))
-    parser.add_argument("--hparams", default="smollm2-135m", help="DINM YAML path or name under hparams/DINM/")
+    parser.add_argument("--hparams", default="smollm2-135m", help="DINM YAML path or a preset name (editkit/presets/DINM/)")
     parser.add_argument("--out", default="out/model", help="checkpoint folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder")
     args = parser.parse_args()
