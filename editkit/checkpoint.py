@@ -7,7 +7,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from editkit.patch import Patch, atomic_write_dir, rounding_folded
+from editkit.delta_hooks import rounding_folded
+from editkit.patch import Patch, atomic_write_dir
 
 log = logging.getLogger(__name__)
 

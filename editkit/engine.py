@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from editkit.arch import ArchMap, decoder_layers, get_module, linear_delta, lm_head
+from editkit.devices import execution_device
 from editkit.hooks import Trace
 from editkit.text import TokenBatch
 
@@ -76,7 +77,7 @@ class DeltaEditor:
         self.layers = decoder_layers(model, arch)
         self.module = get_module(self.layers[layer], arch.mlp_out)
         self.param_name = f"{arch.layers}.{layer}.{arch.mlp_out}.weight"
-        self.device = self.module.weight.device
+        self.device = execution_device(self.module)  # for an offloaded layer: where its forward runs
         self.batches = {k: b.to(self.device) for k, b in batches.items()}
         self.fast_path = fast_path and arch.fast_path
         self.delta = nn.Parameter(torch.zeros(self.module.weight.shape, dtype=torch.float32, device=self.device))
@@ -113,15 +114,18 @@ class DeltaEditor:
         self._cache.clear()
 
     def _freeze_model(self) -> None:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # by name: accelerate replaces an offloaded module's parameter objects at every forward
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
 
         def restore() -> None:
-            for p in trainable:
-                p.requires_grad_(True)
+            params = dict(self.model.named_parameters())
+            for n in trainable:
+                params[n].requires_grad_(True)
 
         self._stack.callback(restore)  # registered first, so a failure half-way still restores
-        for p in trainable:
-            p.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        for n in trainable:
+            params[n].requires_grad_(False)
 
     @torch.no_grad()
     def _reference_pass(self) -> None:

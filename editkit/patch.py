@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
+
+from editkit.delta_hooks import (_ROUNDING_ATTR, LOST_WARN_FRACTION, _drop_rounding, _is_narrow, _layout, _owners,
+                                 _Rounding, _set_residual)
+from editkit.devices import execution_device, owner, real_values
 
 log = logging.getLogger(__name__)
 
@@ -111,138 +113,6 @@ def _parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 
 
-# -- half precision: rounding residuals carried by a forward hook (see the module docstring) ----
-_ROUNDING_ATTR = "_editkit_rounding"
-LOST_WARN_FRACTION = 1e-2  # plain rounding that loses more than this part of a delta's norm is logged
-
-
-def _is_narrow(dtype: torch.dtype) -> bool:
-    """A floating dtype that cannot hold an fp32 delta's small entries (fp16, bf16, fp8)."""
-    return dtype.is_floating_point and torch.finfo(dtype).bits < 32
-
-
-def _layout(module: nn.Module, attr: str) -> str | None:
-    """How parameter ``attr`` of ``module`` enters the module's output; None when not known."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency; keep plain torch models working without it
-        Conv1D = ()  # noqa: N806
-    if isinstance(module, (nn.Linear, Conv1D)):
-        return {"weight": "conv1d" if isinstance(module, Conv1D) else "linear", "bias": "bias"}.get(attr)
-    if isinstance(module, nn.Embedding) and attr == "weight" and module.max_norm is None:
-        return "embedding"
-    return None
-
-
-@dataclass
-class _Rounding:
-    """One module's fp32 rounding residuals {parameter attribute: tensor}, added to its output by
-    one forward hook. ``active`` is off while :func:`rounding_folded` has folded them into weights."""
-
-    residuals: dict[str, torch.Tensor]
-    layouts: dict[str, str]
-    handle: RemovableHandle
-    active: bool = True
-
-
-def _rounding_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
-    if state is None or not state.active or not state.residuals or not isinstance(output, torch.Tensor):
-        return None
-    x = args[0] if args else next(iter(kwargs.values()))  # [..., d_in], or token ids for an embedding
-    extra = torch.zeros((), dtype=torch.float32, device=output.device)
-    for attr, r in list(state.residuals.items()):
-        if r.device != output.device:  # the model was moved after the patch was applied
-            r = state.residuals[attr] = r.to(output.device)
-        layout = state.layouts[attr]
-        if layout == "linear":  # nn.Linear: x·rᵀ, weight [out, in]
-            extra = extra + F.linear(x.float(), r)
-        elif layout == "conv1d":  # GPT-2 Conv1D: x·r, weight [in, out]
-            extra = extra + x.float() @ r
-        elif layout == "embedding":
-            extra = extra + F.embedding(x, r)
-        else:  # bias
-            extra = extra + r
-    return (output.float() + extra).to(output.dtype)
-
-
-def _owners(model: nn.Module, param: nn.Parameter) -> list[tuple[nn.Module, str]]:
-    """Every (module, attribute) holding ``param`` itself (tied weights have several)."""
-    found, seen = [], set()
-    for module in model.modules():
-        for attr, p in module._parameters.items():
-            if p is param and id(module) not in seen:
-                seen.add(id(module))
-                found.append((module, attr))
-    return found
-
-
-def _set_residual(module: nn.Module, attr: str, layout: str, residual: torch.Tensor) -> None:
-    state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
-    if state is None:
-        handle = module.register_forward_hook(_rounding_hook, with_kwargs=True)
-        try:
-            object.__setattr__(module, _ROUNDING_ATTR, _Rounding({}, {}, handle))
-        except BaseException:
-            handle.remove()
-            raise
-        state = getattr(module, _ROUNDING_ATTR)
-    # new dicts, never changed in place: Patch.applied restores the previous ones as they were
-    state.residuals = {**state.residuals, attr: residual}
-    state.layouts = {**state.layouts, attr: layout}
-
-
-def _drop_rounding(module: nn.Module) -> None:
-    state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
-    if state is not None:
-        state.handle.remove()
-        object.__delattr__(module, _ROUNDING_ATTR)
-
-
-def rounding_residuals(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{parameter name: fp32 rounding residual} that hooks of ``model`` add (empty for fp32 models)."""
-    out = {}
-    for mod_name, module in model.named_modules():
-        state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
-        for attr, r in (state.residuals.items() if state is not None else ()):
-            out[f"{mod_name}.{attr}" if mod_name else attr] = r
-    return out
-
-
-@contextmanager
-def rounding_folded(model: nn.Module) -> Iterator[dict[str, float]]:
-    """Within the block each rounding residual is folded into its weight (rounded to the weight's
-    dtype) and the hooks are idle, so the state dict holds the edit as far as its dtypes can: all of
-    it for fp32 weights (e.g. after ``model.float()``), little of it for half precision. Yields
-    {parameter name: ‖part still lost‖_F}. On exit the weights and hooks are restored bit-exactly.
-    For saving; the model gives the same outputs inside only where nothing is lost."""
-    states = [(name, m, getattr(m, _ROUNDING_ATTR)) for name, m in model.named_modules()
-              if getattr(m, _ROUNDING_ATTR, None) is not None]
-    originals: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
-    lost: dict[str, float] = {}
-    try:
-        with torch.no_grad():
-            for mod_name, module, state in states:
-                state.active = False
-                for attr, r in state.residuals.items():
-                    param = module._parameters[attr]
-                    if id(param) in originals:  # tied: folded through its other owner
-                        continue
-                    originals[id(param)] = (param, param.detach().clone())
-                    target = param.float() + r.to(param.device)
-                    param.copy_(target.to(param.dtype))
-                    remaining = float((target - param.float()).norm())
-                    if remaining > 0:
-                        lost[f"{mod_name}.{attr}" if mod_name else attr] = remaining
-        yield lost
-    finally:
-        with torch.no_grad():
-            for param, original in originals.values():
-                param.copy_(original)
-        for _, _, state in states:
-            state.active = True
-
-
 @dataclass
 class Patch:
     """``deltas``: {parameter name: delta tensor with the parameter's shape}."""
@@ -274,7 +144,7 @@ class Patch:
         if missing:
             raise PatchError(f"model has no parameter(s) {missing}")
         stored = {n: d.detach().to("cpu", torch.float32).clone() for n, d in deltas.items()}
-        base = {n: fingerprint(params[n], stored[n]) for n in deltas}
+        base = {n: fingerprint(real_values(model, n), stored[n]) for n in deltas}
         return cls(deltas=stored, base_fingerprint=base, model=model_info(model), **meta)
 
     # -- checks --------------------------------------------------------------------------------
@@ -293,8 +163,9 @@ class Patch:
             if not torch.isfinite(delta).all():  # changed in place after the patch was built
                 raise PatchError(f"delta for {name!r} contains NaN or inf; refusing it")
             recorded = self.base_fingerprint.get(name)
-            if strict and recorded is not None and not fingerprint_matches(params[name], recorded):
-                unapplied = params[name].detach().float() - delta.to(params[name].device)
+            values = real_values(model, name) if params[name].is_meta else params[name]  # offloaded: read it
+            if strict and recorded is not None and not fingerprint_matches(values, recorded):
+                unapplied = values.detach().float() - delta.to(values.device)
                 if fingerprint_matches(unapplied, recorded, removed=delta):
                     raise PatchError(f"{name}: this patch is already applied to the model")
                 raise PatchError(
@@ -312,6 +183,15 @@ class Patch:
         plan: dict[str, list[tuple[nn.Module, str, str]] | None] = {}
         for name, param in targets.items():
             plan[name] = None
+            if param.is_meta:  # offloaded by accelerate: the whole delta rides on the hook
+                # by name: reading an offloaded weight (the fingerprint check) replaced its Parameter
+                module, attr = owner(model, name)
+                owners = [(module, attr, _layout(module, attr))]
+                if not owners or any(layout is None for _, _, layout in owners):
+                    raise PatchError(f"{name} is offloaded and its module type has no known layout for "
+                                     f"carrying the delta; load the model without offloading that module")
+                plan[name] = owners  # type: ignore[assignment]
+                continue
             if not (exact and _is_narrow(param.dtype)):
                 continue
             owners = [(m, attr, _layout(m, attr)) for m, attr in _owners(model, param)]
@@ -325,8 +205,8 @@ class Patch:
 
     def _add(self, targets: dict[str, nn.Parameter], plan: dict[str, Any], scale: float, exact: bool) -> None:
         for name, param in targets.items():
-            delta = self.deltas[name].to(param.device, torch.float32)
             owners = plan[name]
+            delta = self.deltas[name].to(param.device, torch.float32) if not param.is_meta else None
             if owners is None:
                 new = (param.float() + scale * delta).to(param.dtype)
                 if _is_narrow(param.dtype):  # say what rounding lost (asked for, with exact=False)
@@ -340,6 +220,13 @@ class Patch:
             module, attr, _ = owners[0]
             state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
             prior = state.residuals.get(attr) if state is not None else None
+            if param.is_meta:  # offloaded: the weight is reloaded for every forward, the hook carries Δ
+                device = execution_device(module, attr)
+                carried = scale * self.deltas[name].to(device, torch.float32)
+                carried = carried + prior.to(device) if prior is not None else carried
+                for module, attr, layout in owners:
+                    _set_residual(module, attr, layout, carried)
+                continue
             target = param.float() + scale * delta
             if prior is not None:  # an earlier patch's residual joins in, so |residual| stays below a step
                 target = target + prior.to(param.device)
@@ -369,7 +256,7 @@ class Patch:
         even by exception, the weights are restored bit-exactly and no hook of the patch remains."""
         targets = self.check(model, strict=strict)
         plan = self._plan(model, targets, exact)
-        originals = {name: p.detach().clone() for name, p in targets.items()}
+        originals = {name: p.detach().clone() for name, p in targets.items() if not p.is_meta}
         modules = {id(m): m for owners in plan.values() for m, _, _ in (owners or ())}
         before: dict[int, tuple[dict, dict] | None] = {}
         for key, module in modules.items():
@@ -382,7 +269,8 @@ class Patch:
         finally:
             with torch.no_grad():
                 for name, param in targets.items():
-                    param.copy_(originals[name])
+                    if not param.is_meta:  # an offloaded weight was never written
+                        param.copy_(originals[name])
             for key, module in modules.items():
                 state, saved = getattr(module, _ROUNDING_ATTR, None), before[key]
                 if saved is None:

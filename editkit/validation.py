@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from editkit.devices import real_values
 from editkit.patch import Patch
 from editkit.result import EditResult
 
@@ -91,7 +92,7 @@ def check_edit(
     problems: list[str] = []
     targets = patch.check(model, strict=False)  # names and shapes (PatchError if they do not fit)
     for name, delta in patch.deltas.items():
-        weight_norm = _frobenius(targets[name])
+        weight_norm = _frobenius(real_values(model, name) if targets[name].is_meta else targets[name])
         if weight_norm == 0.0:
             continue  # an all-zero weight (e.g. a fresh bias) gives no scale to compare with
         ratio = _frobenius(delta) / weight_norm

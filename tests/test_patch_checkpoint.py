@@ -13,8 +13,8 @@ import torch
 import editkit
 from editkit.hooks import hook_count
 from editkit.models import tiny_model
-from editkit.patch import (DELTA_FILE, META_FILE, Patch, PatchError, fingerprint, fingerprint_matches, load_patch,
-                           rounding_residuals)
+from editkit.delta_hooks import rounding_residuals
+from editkit.patch import DELTA_FILE, META_FILE, Patch, PatchError, fingerprint, fingerprint_matches, load_patch
 
 IDS = torch.tensor([[5, 70, 80, 90, 100, 33, 44, 120]])
 TARGET = {"llama": "model.layers.1.mlp.down_proj.weight", "gpt2": "transformer.h.1.mlp.c_proj.weight"}
