@@ -24,6 +24,11 @@ weight plus residual is still the edit). Half-precision weights cannot store the
 :func:`rounding_folded` folds it into weights that can, and ``editkit.save_checkpoint`` warns
 about what a half-precision checkpoint loses. ``exact=False`` rounds into the weight only, as a
 merged half-precision checkpoint would. fp32 weights take ``W + Δ`` directly, bit-exactly as before.
+
+Offloaded weights (a model dispatched by accelerate with CPU or disk offload) are reloaded from
+their offload store for every forward, so a write into them would not last: fingerprints read their
+real values (:mod:`editkit.devices`), and the whole delta rides on the same kind of hook, on the
+weight's execution device. The hook machinery lives in :mod:`editkit.delta_hooks`.
 """
 from __future__ import annotations
 

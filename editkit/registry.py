@@ -18,6 +18,8 @@ from editkit.hparams import HParams
 _BUILTIN = {
     "dinm": "editkit.methods.dinm",
     "ft-l": "editkit.methods.ft",
+    "sft": "editkit.methods.sft",
+    "dpo": "editkit.methods.dpo",
 }
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 

@@ -18,6 +18,8 @@ from editkit.registry import get_method, list_methods
 FAST = {
     "dinm": {"lr": 1e-2, "steps": 3, "c_edit": 1.0},
     "ft-l": {"lr": 1e-2, "steps": 3},
+    "sft": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
+    "dpo": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
 }
 FAMILIES = ("llama", "gpt2")
 
