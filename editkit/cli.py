@@ -163,12 +163,6 @@ def run_apply(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instance_methods() -> list[str]:
-    from editkit.registry import list_methods
-
-    return list_methods("instance")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editkit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -184,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help="locate → edit → before/after responses → patch and checkpoint"
                            if name == "edit" else "the edit on the default model and the built-in demo instance")
         common(p)
-        p.add_argument("--method", default="dinm", help="an instance-scope method: " + ", ".join(_instance_methods()))
+        p.add_argument("--method", default="dinm", help="an instance-scope method (dinm, ft-l, or any registered one)")
         p.add_argument("--hparams", default="smollm2-135m", help="YAML path or a preset name (editkit/presets/<METHOD>/)")
         p.add_argument("--layer", type=int, default=None, help="edit this layer instead of locating one")
         p.add_argument("--out", default="out/demo" if name == "demo" else None, required=name == "edit")
