@@ -13,13 +13,16 @@ The SafeEdit runner (and later the probe command and the toxicity evaluation) ta
   fold's patch is saved under the run folder and reused when the run resumes.
 
 ``intervention.suffix`` is what it prescribes after every prompt at inference time (DINM's suffix);
-``settings()`` is recorded in the run's config.json, so a resumed run cannot mix settings.
+``settings()`` is recorded in the run's config.json, so a resumed run cannot mix settings. A case's
+row may carry ``setup_seconds``: time the intervention spent on work shared by many cases (fitting
+a fold), which the runner keeps out of that case's ``seconds``.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -206,9 +209,14 @@ class CrossFitted(Intervention):
     def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
                  constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
         fold = self.fold_of(instance)
+        start = time.perf_counter()
+        fitted_now = fold not in self._patches
         patch = self.patch_for(model, tokenizer, fold)
+        info: dict[str, Any] = {"fold": fold}
+        if fitted_now:  # the runner keeps this out of the case's own seconds
+            info["setup_seconds"] = round(time.perf_counter() - start, 2)
         trained_on = set(patch.metrics.get("trained_on_ids", ()))
         if instance.id in trained_on:
             raise RuntimeError(f"record {instance.id} would be scored by a patch trained on it")
         with patch.applied(model):
-            yield {"fold": fold}
+            yield info

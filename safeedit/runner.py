@@ -265,7 +265,7 @@ def evaluate(
                 row.update(info)
                 row.update(evaluator.responses(inst))
                 row.update(evaluator.general(inst))
-            row["seconds"] = round(time.perf_counter() - start, 2)
+            row["seconds"] = round(time.perf_counter() - start - row.get("setup_seconds", 0.0), 2)
             row["judge"] = repr(judge)
             case_log.add(row)
     return write_summary(out, label=intervention.label)

@@ -91,6 +91,7 @@ def test_cross_fitting_scores_each_record_with_the_other_fold(shift_method, toke
         assert len({folds[i] for i in trained}) == 1  # trained on exactly one fold
     rows = read_cases(tmp_path)
     assert len(rows) == len(cases)
+    assert sum("setup_seconds" in row for row in rows) == 2  # the fit is charged once per fold, apart
     for row in rows:
         assert row["fold"] == folds[row["id"]]
         patch = editkit.load_patch(tmp_path / f"fold-{row['fold']}-of-2" / "patch")
