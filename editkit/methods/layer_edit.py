@@ -1,21 +1,53 @@
 """Pieces shared by the methods that train one additive delta on one layer's MLP output projection
-(DINM, FT-L): pick the layer (given or located), and run the optimisation loop over the delta of an
-:class:`editkit.engine.DeltaEditor`."""
+(DINM, FT-L): their common settings, the layer choice (given or located), the optimisation loop over
+the delta of an :class:`editkit.engine.DeltaEditor`, and the result."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from editkit.arch import ArchMap, check_layer
 from editkit.engine import DeltaEditor
+from editkit.hparams import HParams, hp
 from editkit.instance import EditInstance
 from editkit.localization import Localization, locate
+from editkit.patch import Patch
+from editkit.result import EditResult
 from editkit.text import ChatMode
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class LayerEditConfig(HParams):
+    """Settings every one-layer delta method has: the optimiser, the layer choice, the encoding."""
+
+    lr: float = hp(5e-4, "Adam learning rate for the delta")
+    steps: int = hp(10, "optimisation steps T")
+    early_stop_loss: float = hp(1e-4, "stop when the total loss falls below this")
+    weight_decay: float = hp(0.0, "Adam weight decay on the delta")
+    norm_constraint: float | None = hp(None, "clamp every delta entry to [-c, c] after each step (off when null)")
+    chat_template: Literal["auto", "none"] = hp("auto", "render prompts with the tokenizer's chat template if it has one")
+    max_length: int = hp(2048, "token budget of one prompt+answer sequence")
+    layer: int | None = hp(None, "edit this layer instead of locating one (negative counts from the top)")
+    locate_mode: Literal["mean", "reference"] = hp("mean", "localisation distance, see editkit.localization")
+    locate_context: Literal["none", "prompt"] = hp("none", "run the responses alone or after the attack prompt")
+    fast_path: bool = hp(True, "cache the state entering the edited layer; run only the layers above it")
+
+    def __post_init__(self) -> None:
+        self._check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        self._check(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        self._check(self.early_stop_loss >= 0, "early_stop_loss must be >= 0")
+        self._check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        self._check(self.norm_constraint is None or self.norm_constraint > 0, "norm_constraint must be > 0 or null")
+        self._check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+
 
 # objective() -> (loss with gradient, a record of its named parts as floats)
 Objective = Callable[[], tuple[torch.Tensor, dict[str, float]]]
@@ -79,3 +111,25 @@ def optimize_delta(
             with torch.no_grad():
                 editor.delta.clamp_(-norm_constraint, norm_constraint)
     return losses
+
+
+def layer_result(
+    model: Any,
+    method: str,
+    hparams: HParams,
+    *,
+    param_name: str,
+    delta: torch.Tensor,
+    layer: int,
+    localization: Localization | None,
+    losses: list[dict[str, float]],
+    metrics: dict[str, Any],
+    timings: dict[str, float],
+) -> EditResult:
+    """The EditResult of a finished one-layer edit: its patch and what led to it."""
+    patch = Patch.from_deltas(model, {param_name: delta}, method=method, layer=layer, hparams=hparams.to_dict(),
+                              metrics=metrics)
+    log.info("%s edited layer %d in %.1fs: edit NLL %.3f -> %.3f", method, layer, timings.get("edit", 0.0),
+             metrics.get("edit_nll_before", math.nan), metrics.get("edit_nll_after", math.nan))
+    return EditResult(method=method, patch=patch, layer=layer, localization=localization, losses=losses,
+                      metrics=metrics, timings=timings, hparams=hparams.to_dict())

@@ -22,8 +22,7 @@ from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
 from editkit.methods.dinm.config import DINMConfig
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
-from editkit.methods.layer_edit import choose_layer, optimize_delta
-from editkit.patch import Patch
+from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta
 from editkit.result import EditResult
 from editkit.text import encode_pairs, with_suffix
 
@@ -123,9 +122,5 @@ class DINM(EditingMethod):
             delta = editor.delta.detach().clone()
             param_name = editor.param_name
         timings["edit"] = time.perf_counter() - t1
-        patch = Patch.from_deltas(model, {param_name: delta}, method=self.name, layer=layer,
-                                  hparams=hp.to_dict(), metrics=metrics)
-        log.info("DINM edited layer %d in %.1fs: edit NLL %.3f -> %.3f", layer, timings["edit"],
-                 metrics["edit_nll_before"], metrics["edit_nll_after"])
-        return EditResult(method=self.name, patch=patch, layer=layer, localization=found, losses=losses,
-                          metrics=metrics, timings=timings, hparams=hp.to_dict())
+        return layer_result(model, self.name, hp, param_name=param_name, delta=delta, layer=layer,
+                            localization=found, losses=losses, metrics=metrics, timings=timings)
