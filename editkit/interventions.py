@@ -10,7 +10,8 @@ The SafeEdit runner (and later the probe command and the toxicity evaluation) ta
 * :class:`FixedPatch` — one saved patch, applied for every case;
 * :class:`CrossFitted` — a dataset-scope method (``fit``) trained on the records of the other folds
   and scored on this fold's, so no record is scored by a model trained on it (DESIGN §5); each
-  fold's patch is saved under the run folder and reused when the run resumes.
+  fold's patch is saved under the run folder and reused when the run resumes (a fold whose fit was
+  interrupted resumes its training from the checkpoints in ``fold-k-of-n/training``).
 
 ``intervention.suffix`` is what it prescribes after every prompt at inference time (DINM's suffix);
 ``settings()`` is recorded in the run's config.json, so a resumed run cannot mix settings. A case's
@@ -186,7 +187,8 @@ class CrossFitted(Intervention):
         """The patch fitted without fold ``fold`` (fitted now, or read from the run folder)."""
         if fold in self._patches:
             return self._patches[fold]
-        saved = self.folder / f"fold-{fold}-of-{self.folds}" / "patch" if self.folder is not None else None
+        fold_dir = self.folder / f"fold-{fold}-of-{self.folds}" if self.folder is not None else None
+        saved = fold_dir / "patch" if fold_dir is not None else None
         if saved is not None and saved.is_dir():
             patch = load_patch(saved)
             log.info("cross-fitting: fold %d's patch read from %s", fold, saved)
@@ -195,7 +197,9 @@ class CrossFitted(Intervention):
 
             train = [inst for inst in self.pool if self._fold_of[inst.id] != fold]
             log.info("cross-fitting: fitting %s on %d records (all but fold %d)", self.method, len(train), fold)
-            result = fit(model, train, tokenizer=tokenizer, method=self.method, hparams=self.hparams, **self.fit_kwargs)
+            checkpoints = {"output_dir": str(fold_dir / "training")} if fold_dir is not None else {}
+            result = fit(model, train, tokenizer=tokenizer, method=self.method, hparams=self.hparams,
+                         **checkpoints, **self.fit_kwargs)
             patch = result.patch
             patch.metrics = {**patch.metrics, "trained_on_ids": [inst.id for inst in train],
                              "timings": result.timings}

@@ -15,6 +15,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparams", default=None, help="method settings: YAML path or a preset name (editkit/presets/<METHOD>/)")
     p.add_argument("--patch", default=None, help="a saved patch applied for every case (instead of --method)")
     p.add_argument("--folds", type=int, default=2, help="dataset-scope methods: k-fold cross-fitting by record id")
+    p.add_argument("--fold", type=int, default=None, help="dataset-scope methods: score only the records of this fold "
+                   "(one process per fold fits one model each; instead of --shard)")
     p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file or zjunlp/SafeEdit (default: the shared dev records)")
     p.add_argument("--split", default="test", help="hub split")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
@@ -56,6 +58,14 @@ def run_eval(args: argparse.Namespace) -> int:
                               skip_invalid=args.skip_invalid).instances
     shard = parse_shard(args.shard)
     cases = cases[shard[0]:: shard[1]] if shard else cases
+    if args.fold is not None:
+        from editkit.interventions import folds_by_id
+
+        if shard is not None or not 0 <= args.fold < args.folds:
+            raise ValueError(f"--fold takes 0..{args.folds - 1} and replaces --shard")
+        folds = folds_by_id(pool.instances, args.folds)
+        cases = [c for c in cases if folds[c.id] == args.fold]
+        shard = (args.fold, args.folds)  # its own cases file, beside the other folds
     cases = cases[: args.limit] if args.limit is not None else cases
     config = EvalConfig(method=args.method, hparams=args.hparams, mode=args.mode, suffix=args.suffix,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge,

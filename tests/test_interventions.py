@@ -3,6 +3,7 @@ dataset method) through the same calls, and cross-fitting that never scores a re
 trained on it."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -151,3 +152,23 @@ def test_per_instance_method_gets_a_constraint_pool_without_scored_records(token
     for case_id, pool in seen.items():
         assert case_id not in pool and len(pool) == len(cases[:3]) - 1 - FAST["knowledge_per_case"]
         assert rows[case_id]["layer"] is not None
+
+
+def test_eval_cli_scores_one_fold_per_process(shift_method, tokenizer, safeedit_dev, tmp_path, monkeypatch) -> None:
+    import editkit
+    from editkit.cli import build_parser
+
+    monkeypatch.setattr(editkit, "load_model", lambda *a, **k: (tiny_model("llama"), tokenizer))
+    pool = load_safeedit(safeedit_dev).instances
+    folds = folds_by_id(pool, 2)
+    for fold in (0, 1):
+        args = build_parser().parse_args(["eval", "--method", shift_method, "--data", str(safeedit_dev), "--out",
+                                          str(tmp_path), "--fold", str(fold), "--limit", "2", "--judge", "keyword",
+                                          "--max-new-tokens", "2"])
+        assert args.func(args) == 0
+        rows = [json.loads(line) for line in (tmp_path / f"cases.{fold}-of-2.jsonl").read_text().splitlines()]
+        assert len(rows) == 2 and all(folds[r["id"]] == fold == r["fold"] for r in rows)
+    assert len(_Shift.fitted) == 2  # each process fitted only the model its fold needs
+    with pytest.raises(ValueError, match="--fold"):
+        bad = build_parser().parse_args(["eval", "--method", shift_method, "--out", str(tmp_path), "--fold", "2"])
+        bad.func(bad)

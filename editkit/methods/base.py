@@ -11,9 +11,11 @@ A method is a class configured by one :class:`~editkit.hparams.HParams` subclass
 
 Both return an :class:`~editkit.result.EditResult` whose patch carries the whole change; the model
 is left exactly as it came, also when the method raises. Keyword arguments every method accepts
-(and may ignore): ``progress`` (show progress bars) and ``constraint_pool`` (other records the
-caller allows the method to use as constraints, e.g. their benign knowledge pairs; the SafeEdit
-runner passes records whose pairs it does not score). A method that learns a reusable artifact
+(and may ignore): ``progress`` (show progress bars), for ``edit`` ``constraint_pool`` (other
+records the caller allows the method to use as constraints, e.g. their benign knowledge pairs; the
+SafeEdit runner passes records whose pairs it does not score), and for ``fit`` ``output_dir`` (a
+folder where a long training keeps checkpoints, so that a second call with the same folder resumes
+from the last one; None: nothing is kept). A method that learns a reusable artifact
 (MEND's hyper-network) adds ``train``/``save``/``load`` with the fingerprint of the model it fits.
 
 What a method prescribes at inference time (DINM appends its suffix prompt to every input) is its
@@ -52,7 +54,7 @@ class EditingMethod:
         raise NotImplementedError(f"{self.name} is a {self.scope}-scope method: use fit()")
 
     def fit(self, model: Any, tokenizer: Any, instances: Sequence[EditInstance], *, progress: bool = False,
-            **kwargs: Any) -> EditResult:
+            output_dir: str | None = None, **kwargs: Any) -> EditResult:
         """One patch from many records (dataset-scope methods)."""
         raise NotImplementedError(f"{self.name} is an {self.scope}-scope method: use edit()")
 
