@@ -6,7 +6,7 @@ A run: ``trl`` wraps the model with ``peft`` (``peft_config=``) and trains the a
 wrapped weight the adapter adds ΔW = B·A·alpha/r, which peft's ``get_delta_weight`` returns in the
 weight's own layout (GPT-2's Conv1D stores [in, out]; peft's ``fan_in_fan_out`` handles it). Those
 deltas become the patch, keyed by the base model's parameter names. The adapter is then removed
-without merging (peft's ``unload()``), and :func:`preserved` puts back everything else the trainers
+without merging (peft's ``unload()``), and :func:`~editkit.methods.model_state.preserved` puts back everything else the trainers
 change on the model: train/eval flags, ``requires_grad``, dropout rates, ``config.use_cache``, the
 fused-LM-head ``forward`` trl installs, model tags, activation checkpointing and its input-grad hook.
 The weights are never written. All of this also holds when training raises.
@@ -22,14 +22,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 import resource
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -40,6 +37,7 @@ from torch import nn
 from editkit.arch import ArchMap, decoder_layers, get_module, resolve_arch
 from editkit.hparams import HParams, hp
 from editkit.instance import EditInstance
+from editkit.methods.model_state import global_rng_kept, preserved, quiet
 from editkit.patch import Patch, fingerprint, fingerprint_matches, model_info
 from editkit.result import EditResult
 from editkit.text import encode_pairs, prompt_ids, target_ids, uses_chat
@@ -146,89 +144,6 @@ def lora_config(model: nn.Module, hparams: LoRATrainConfig, targets: Sequence[st
     return LoraConfig(r=hparams.r, lora_alpha=hparams.alpha, lora_dropout=hparams.dropout, bias="none",
                       target_modules=list(targets), task_type="CAUSAL_LM",
                       fan_in_fan_out=any(isinstance(modules[n], Conv1D) for n in targets))
-
-
-# -- leaving the model as it came ------------------------------------------------------------------
-_MISSING = object()
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # e.g. tensors: compare by identity only
-        return a is b
-
-
-@contextmanager
-def preserved(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block anything may wrap, re-flag, hook or re-configure ``model``; on exit (also by
-    exception) every module's attributes and containers (children, parameters, buffers, hooks), the
-    parameters' ``requires_grad`` and the model's config and generation config are put back. Tensor
-    contents are not copied: use it around code that does not write weights."""
-    saved = []
-    for module in model.modules():
-        attrs = {key: (value, copy.copy(value) if isinstance(value, (dict, set, list)) else _MISSING)
-                 for key, value in vars(module).items()}
-        saved.append((module, attrs))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    configs = [(c, copy.deepcopy(vars(c))) for c in (getattr(model, "config", None),
-                                                     getattr(model, "generation_config", None)) if c is not None]
-    try:
-        yield model
-    finally:
-        for module, attrs in saved:
-            now = vars(module)
-            for key in [k for k in now if k not in attrs]:
-                del now[key]
-            for key, (value, content) in attrs.items():
-                now[key] = value
-                if content is _MISSING:
-                    continue
-                if isinstance(value, list):
-                    value[:] = content
-                else:
-                    value.clear()
-                    value.update(content)
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        for config, values in configs:
-            now = vars(config)
-            for key in [k for k in now if k not in values]:
-                del now[key]
-            for key, value in values.items():
-                if key not in now or not _same(now[key], value):
-                    now[key] = value
-
-
-@contextmanager
-def _global_rng_kept() -> Iterator[None]:
-    """The trainers seed the global generators; give the caller's states back afterwards."""
-    import numpy as np
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng():
-            yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-
-
-@contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
-    """No dataset-map bars unless ``progress``; no deprecation notices about trl's own arguments."""
-    import datasets
-
-    bars_were_on = datasets.is_progress_bar_enabled()
-    if not progress and bars_were_on:
-        datasets.disable_progress_bars()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", r".*deprecated and will be removed in v6.*", FutureWarning)
-            yield
-    finally:
-        if not progress and bars_were_on:
-            datasets.enable_progress_bars()
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -418,7 +333,7 @@ def train_lora(
             save_strategy="steps" if keep else "no", save_steps=save_steps or DEFAULT_SAVE_STEPS,
             save_total_limit=2, disable_tqdm=not progress, dataloader_num_workers=0, **config_kwargs)
         peft_model = None
-        with preserved(model), _global_rng_kept(), _quiet(progress):
+        with preserved(model), global_rng_kept(), quiet(progress):
             try:
                 trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                         processing_class=copy.deepcopy(tokenizer),
