@@ -259,7 +259,7 @@ def evaluate(
     with intervention.around_run(model):
         for inst in tqdm(todo, desc=f"SafeEdit {intervention.label}", disable=not progress, unit="case"):
             start = time.perf_counter()
-            row: dict[str, Any] = {"id": inst.id, "category": inst.category, "method": config.method,
+            row: dict[str, Any] = {"id": inst.id, "category": inst.category, "method": described.get("method", "none"),
                                    "suffix": evaluator.suffix is not None}
             with intervention.for_case(model, tokenizer, inst, constraint_pool=evaluator.constraint_pool(inst)) as info:
                 row.update(info)
