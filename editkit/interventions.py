@@ -106,8 +106,9 @@ class PerInstanceEdit(Intervention):
 
         result = edit(model, instance, tokenizer=tokenizer, method=self.method, hparams=self.hparams,
                       constraint_pool=constraint_pool, **self.edit_kwargs)
-        row = {"layer": result.layer, "edit_seconds": round(result.timings.get("edit", 0.0), 3),
-               "edit_metrics": result.metrics}
+        # every second the edit cost (localisation, a guard's self-answers, the steps), and the parts
+        row = {"layer": result.layer, "edit_seconds": round(result.timings.get("total", 0.0), 3),
+               "edit_timings": {k: round(v, 3) for k, v in result.timings.items()}, "edit_metrics": result.metrics}
         if self.sequential:
             for name, param in result.patch.check(model).items():
                 self._originals.setdefault(name, param.detach().clone())

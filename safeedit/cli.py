@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -29,6 +30,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default=None, help="i/n: this process takes every n-th case from i")
     p.add_argument("--judge", default="default", help="'default' (offline), 'keyword', or a classifier path/hub name")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records instead of failing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores shared out among "
+                   "the n processes of --shard i/n or --fold, else torch's choice)")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("rejudge", help="score a finished run's stored responses again with another judge")
@@ -70,11 +73,21 @@ def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(method=args.method, hparams=args.hparams, mode=args.mode, suffix=args.suffix,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge,
                         patch=args.patch, folds=args.folds)
+    threads = args.threads or (cpu_share(shard[1]) if shard is not None else None)
+    if threads:  # parallel shards each at torch's default would oversubscribe the cores
+        import torch
+
+        torch.set_num_threads(threads)
     model, tok = editkit.load_model(args.model, device=args.device)
     summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard)
     print((Path(args.out) / "table.md").read_text())
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cpu_share(processes: int) -> int:
+    """Threads per process when ``processes`` run side by side on this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes))
 
 
 def run_rejudge(args: argparse.Namespace) -> int:

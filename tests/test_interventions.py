@@ -172,3 +172,21 @@ def test_eval_cli_scores_one_fold_per_process(shift_method, tokenizer, safeedit_
     with pytest.raises(ValueError, match="--fold"):
         bad = build_parser().parse_args(["eval", "--method", shift_method, "--out", str(tmp_path), "--fold", "2"])
         bad.func(bad)
+
+
+def test_edit_seconds_count_every_part_of_the_edit(tokenizer, cases, tmp_path) -> None:
+    model = tiny_model("llama")
+    settings = {"steps": 2, "lr": 1e-2, "c_edit": 1.0, "benign_constraint": 2, "benign_answer_tokens": 2}
+    evaluate(model, tokenizer, cases[:1], tmp_path, EvalConfig(method="dinm", hparams=settings, **FAST),
+             judge=KeywordJudge(), progress=False)
+    row = read_cases(tmp_path)[0]
+    parts = row["edit_timings"]
+    assert {"locate", "guard", "edit", "total"} <= set(parts) and parts["guard"] > 0
+    assert row["edit_seconds"] == parts["total"] >= parts["locate"] + parts["guard"] + parts["edit"] - 1e-3
+
+
+def test_parallel_processes_share_the_cores(monkeypatch) -> None:
+    from safeedit import cli
+
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    assert [cli.cpu_share(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]

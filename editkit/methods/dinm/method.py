@@ -78,6 +78,7 @@ class DINM(EditingMethod):
         kl_pairs = [(instance.knowledge_prompt, instance.knowledge_answer), *constraint_pairs]
         pairs = {"edit": [(with_suffix(instance.prompt, suffix), instance.safe)],
                  "kl": [(with_suffix(q, suffix), a) for q, a in kl_pairs]}
+        t_guard = time.perf_counter()
         if benign_pairs is None and hp.benign_constraint:
             benign_pairs = self_answered_pairs(model, tokenizer, pick_requests(instance.id, hp.benign_constraint),
                                                suffix=suffix, max_new_tokens=hp.benign_answer_tokens,
@@ -87,6 +88,7 @@ class DINM(EditingMethod):
         batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length)
                    for name, p in pairs.items()}
         weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
+        timings["guard"] = time.perf_counter() - t_guard  # the unedited model's own answers, and encoding
         t1 = time.perf_counter()
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
             edit_targets = editor.batches["edit"].targets()
