@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("locate", help="the toxic layer and the per-layer distance profile")
     common(p)
-    p.add_argument("--mode", default="mean", choices=["mean", "reference"])
+    p.add_argument("--mode", default="mean", choices=["mean", "scaled", "reference"])
     p.add_argument("--context", default="none", choices=["none", "prompt"])
     p.add_argument("--plot", default=None, help="write the profile as a PNG")
     p.set_defaults(func=run_locate)

@@ -13,7 +13,7 @@ from editkit.hooks import TraceDict
 from editkit.instance import EditInstance
 from editkit.text import ChatMode, encode_pairs, pad_id, pad_left, pad_right, prompt_ids, target_ids
 
-LocateMode = Literal["mean", "reference"]
+LocateMode = Literal["mean", "scaled", "reference"]
 LocateContext = Literal["none", "prompt"]
 
 
@@ -40,7 +40,7 @@ class Localization:
         colors = ["#d62728" if i == self.layer else "#1f77b4" for i in range(len(self.profile))]
         ax.bar(range(len(self.profile)), self.profile, color=colors)
         ax.set_xlabel("decoder layer")
-        ax.set_ylabel("L2 distance" if self.mode == "mean" else "Frobenius distance")
+        ax.set_ylabel({"mean": "L2 distance", "scaled": "L2 distance / state norm"}.get(self.mode, "Frobenius distance"))
         ax.set_title(f"{title} (located: {self.layer})")
         fig.tight_layout()
         if path is not None:
@@ -77,12 +77,15 @@ def locate(
     ``mode="mean"`` (default): for every decoder layer, the L2 distance between the safe and the
     unsafe response's mean residual-stream output over their real tokens (pads masked; with
     ``context="prompt"`` the adversarial prompt precedes each response and only response tokens
-    count). Both responses run in one batched forward pass. ``mode="reference"`` reproduces the
+    count). Both responses run in one batched forward pass. ``mode="scaled"`` divides that distance
+    by the mean norm of the two mean states, ‖m_s − m_u‖ / ½(‖m_s‖ + ‖m_u‖): hidden-state norms grow
+    with depth, so the raw distance favours the top layers whatever separates the responses; the
+    scaled one compares how far apart the two are relative to the states' size. ``mode="reference"`` reproduces the
     reference implementation for comparison: left-padded responses, Frobenius norm of the
     difference of the whole padded matrices.
     """
-    if mode not in ("mean", "reference"):
-        raise ValueError(f"locate mode must be 'mean' or 'reference', got {mode!r}")
+    if mode not in ("mean", "scaled", "reference"):
+        raise ValueError(f"locate mode must be 'mean', 'scaled' or 'reference', got {mode!r}")
     if context not in ("none", "prompt"):
         raise ValueError(f"locate context must be 'none' or 'prompt', got {context!r}")
     arch = resolve_arch(model, arch)
@@ -113,6 +116,9 @@ def locate(
         else:
             w = select.to(h.device).unsqueeze(-1).float()  # [2, seq, 1]
             means = (h * w).sum(1) / w.sum(1)  # [2, d_model]
-            profile.append(float(torch.linalg.norm(means[0] - means[1])))
+            distance = float(torch.linalg.norm(means[0] - means[1]))
+            if mode == "scaled":
+                distance /= max(float(means.norm(dim=-1).mean()), 1e-12)
+            profile.append(distance)
     layer = int(torch.tensor(profile).argmax())
     return Localization(layer=layer, profile=profile, mode=mode, context=context)

@@ -270,3 +270,20 @@ def test_localization_plot(tmp_path, tokenizer, uneven: EditInstance) -> None:
     found.plot(tmp_path / "profile.png")
     assert (tmp_path / "profile.png").stat().st_size > 1000
     assert found.to_dict()["profile"] == found.profile
+
+
+def test_scaled_localisation_divides_by_the_state_norm(tiny_lm: nn.Module, tokenizer, uneven: EditInstance) -> None:
+    """mode='scaled' = the mean-mode distance / the mean norm of the two mean states, per layer (by hand)."""
+    raw = editkit.locate(tiny_lm, tokenizer, uneven)
+    scaled = editkit.locate(tiny_lm, tokenizer, uneven, mode="scaled")
+    arch = resolve_arch(tiny_lm)
+    names = [f"{arch.layers}.{i}" for i in range(4)]
+    norms = []
+    for text in (uneven.safe, uneven.unsafe):
+        ids = torch.tensor([target_ids(tokenizer, text, "none")])
+        with TraceDict(tiny_lm, names, retain_output=True, detach=True) as traces:
+            tiny_lm(input_ids=ids)
+        norms.append([float(traces[n].output.float()[0].mean(0).norm()) for n in names])
+    want = [d / ((a + b) / 2) for d, a, b in zip(raw.profile, *norms)]
+    assert scaled.profile == pytest.approx(want, rel=1e-4)
+    assert scaled.layer == max(range(4), key=lambda i: want[i]) and scaled.mode == "scaled"

@@ -36,7 +36,8 @@ class LayerEditConfig(HParams):
     chat_template: Literal["auto", "none"] = hp("auto", "render prompts with the tokenizer's chat template if it has one")
     max_length: int = hp(2048, "token budget of one prompt+answer sequence")
     layer: int | None = hp(None, "edit this layer instead of locating one (negative counts from the top)")
-    locate_mode: Literal["mean", "reference"] = hp("mean", "localisation distance, see editkit.localization")
+    locate_mode: Literal["mean", "scaled", "reference"] = hp("mean", "localisation distance: mean (the paper's L2), scaled "
+                                                             "(divided by the states' norm), reference; see editkit.localization")
     locate_context: Literal["none", "prompt"] = hp("none", "run the responses alone or after the attack prompt")
     fast_path: bool = hp(True, "cache the state entering the edited layer; run only the layers above it")
 
