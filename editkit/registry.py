@@ -20,6 +20,7 @@ _BUILTIN = {
     "ft-l": "editkit.methods.ft",
     "sft": "editkit.methods.sft",
     "dpo": "editkit.methods.dpo",
+    "extsub": "editkit.methods.extsub",
 }
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 

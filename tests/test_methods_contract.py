@@ -20,6 +20,7 @@ FAST = {
     "ft-l": {"lr": 1e-2, "steps": 3},
     "sft": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
     "dpo": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
+    "extsub": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
 }
 FAMILIES = ("llama", "gpt2")
 
