@@ -48,9 +48,9 @@ class Intervention:
         """What identifies this intervention in a run folder (JSON-ready)."""
         return {"kind": type(self).__name__}
 
-    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None) -> None:
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None, *, progress: bool = False) -> None:
         """Told once before the run: every record of the evaluation (all shards' records, not one
-        shard's) and the run folder where it may keep what it fits."""
+        shard's), the run folder where it may keep what it fits, and whether to show progress."""
 
     @contextlib.contextmanager
     def around_run(self, model: Any) -> Iterator[None]:
@@ -174,8 +174,9 @@ class CrossFitted(Intervention):
     def settings(self) -> dict[str, Any]:
         return {"kind": "cross-fitted", "method": self.method, "folds": self.folds, "hparams": self.hparams.to_dict()}
 
-    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None) -> None:
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None, *, progress: bool = False) -> None:
         self.pool, self.folder = list(pool), Path(folder) if folder is not None else None
+        self.fit_kwargs.setdefault("progress", progress)  # a fold's training is a long loop of its own
         self._fold_of = folds_by_id(self.pool, self.folds)
         self._patches.clear()
 

@@ -237,7 +237,7 @@ def evaluate(
         judge = load_judge(config.judge)
     evaluator = Evaluator(model, tokenizer, config, judge, pool if pool is not None else instances, intervention)
     intervention = evaluator.intervention
-    intervention.prepare(evaluator.pool, out)
+    intervention.prepare(evaluator.pool, out, progress=progress)
     # the resolved settings, not just their name: editing a YAML between runs must not mix results
     described = intervention.settings()
     settings = {"config": config.comparable(), "model": model_info(model),
