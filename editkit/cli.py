@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     from safeedit.cli import add_commands  # the benchmark's commands: eval, report
 
     add_commands(sub)
+    from editkit.probe_cli import add_commands as add_probe_command  # editkit probe
+
+    add_probe_command(sub)
     return parser
 
 
