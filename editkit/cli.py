@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     from editkit.probe_cli import add_commands as add_probe_command  # editkit probe
 
     add_probe_command(sub)
+    p = sub.add_parser("train", help="meta-train a method's reusable artifact: editkit train mend ...")
+    from editkit.methods.mend.cli import add_train_command  # editkit train mend
+
+    add_train_command(p.add_subparsers(dest="artifact", required=True))
     return parser
 
 

@@ -21,6 +21,7 @@ _BUILTIN = {
     "sft": "editkit.methods.sft",
     "dpo": "editkit.methods.dpo",
     "extsub": "editkit.methods.extsub",
+    "mend": "editkit.methods.mend",
 }
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 

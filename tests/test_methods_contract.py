@@ -21,6 +21,7 @@ FAST = {
     "sft": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
     "dpo": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
     "extsub": {"r": 4, "alpha": 8, "lr": 1e-2, "max_steps": 2, "batch_size": 3, "max_length": 128},
+    "mend": {"lr": 1e-1, "layers": [-2, -1]},  # no archive: the untrained editor's plain gradient step
 }
 FAMILIES = ("llama", "gpt2")
 
