@@ -217,10 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     from editkit.probe_cli import add_commands as add_probe_command  # editkit probe
 
     add_probe_command(sub)
-    p = sub.add_parser("train", help="meta-train a method's reusable artifact: editkit train mend ...")
-    from editkit.methods.mend.cli import add_train_command  # editkit train mend
+    from editkit.registry import train_commands  # editkit train <method>: methods that learn an artifact
 
-    add_train_command(p.add_subparsers(dest="artifact", required=True))
+    commands = train_commands()
+    p = sub.add_parser("train", help=f"train a method's reusable artifact ({', '.join(sorted(commands))})")
+    trainable = p.add_subparsers(dest="artifact", required=True)
+    for add_command in commands.values():
+        add_command(trainable)
     return parser
 
 

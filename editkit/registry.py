@@ -23,6 +23,11 @@ _BUILTIN = {
     "extsub": "editkit.methods.extsub",
     "mend": "editkit.methods.mend",
 }
+# Methods that train a reusable artifact from the command line (``editkit train NAME``): name ->
+# "module:function" adding the NAME subcommand to ``editkit train`` (imported when the CLI is built).
+_TRAIN_COMMANDS = {
+    "mend": "editkit.methods.mend.cli:add_train_command",
+}
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -70,6 +75,16 @@ def list_methods(scope: str | None = None) -> list[str]:
     if scope is None:
         return sorted(set(_REGISTRY) | set(_BUILTIN))
     return sorted(name for name in set(_REGISTRY) | set(_BUILTIN) if get_method(name).scope == scope)
+
+
+def train_commands() -> dict[str, Any]:
+    """{method name: function adding its ``editkit train`` subcommand} for the built-in methods
+    that meta-train an artifact."""
+    commands = {}
+    for name, target in _TRAIN_COMMANDS.items():
+        module, attr = target.split(":")
+        commands[name] = getattr(importlib.import_module(module), attr)
+    return commands
 
 
 def get_method(name: str) -> MethodSpec:
