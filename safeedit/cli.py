@@ -45,6 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_report)
 
+    from safeedit.toxicity_cli import add_commands as add_toxicity_commands  # detox-eval, detox-eval-report
+
+    add_toxicity_commands(sub)
+
 
 def run_eval(args: argparse.Namespace) -> int:
     import editkit
