@@ -8,8 +8,8 @@ over all inputs, ``--batch-size`` rows decoded together) and once one prompt per
 process; the responses must be identical up to batching noise, and the ratio of the two rates is
 printed. For greedy decoding on a known architecture ``editkit.generate`` prefills each prompt
 without padding (a long prefix shared with another prompt of the batch once) and decodes the batch
-from one merged left-padded cache (editkit/decoding_loop.py); a single prompt goes through the same
-loop, which then does what ``model.generate`` does. The line "generation path" says which path ran.
+from one merged left-padded cache (editkit/generation/greedy_loop.py); a single prompt goes through
+the same loop, which then does what ``model.generate`` does. The line "generation path" says which path ran.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 import torch
 
 import editkit
-from editkit.decoding_loop import loop_blocker
+from editkit.generation.greedy_loop import loop_blocker
 from editkit.text import prompt_ids
 from safeedit.dataset import load_safeedit, shared_data_dir
 

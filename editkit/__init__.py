@@ -31,7 +31,9 @@ _LAZY = {
     "list_methods": "editkit.registry:list_methods",
     "load_model": "editkit.models:load_model",
     "load_default": "editkit.models:load_default",
-    "generate": "editkit.generation:generate",
+    "generate": "editkit.generation.api:generate",
+    "Detoxifier": "editkit.generation.detoxifier:Detoxifier",
+    "DExperts": "editkit.decoding.dexperts:DExperts",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -39,7 +41,9 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from editkit.api import edit, fit
     from editkit.checkpoint import load_checkpoint, save_checkpoint
-    from editkit.generation import generate
+    from editkit.decoding.dexperts import DExperts
+    from editkit.generation.api import generate
+    from editkit.generation.detoxifier import Detoxifier
     from editkit.hparams import HParams
     from editkit.instance import EditInstance, load_instances
     from editkit.localization import Localization, locate

@@ -1,4 +1,4 @@
-"""The greedy decoding loop (editkit.decoding_loop) against ``model.generate`` one prompt at a time,
+"""The greedy decoding loop (editkit.generation.greedy_loop) against ``model.generate`` one prompt at a time,
 and the fall-back to ``model.generate`` where the loop is not known to be exact."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import editkit
-from editkit import decoding_loop
-from editkit.decoding_loop import MIN_SHARED_PREFIX, greedy_decode, loop_blocker
+from editkit.generation import incremental
+from editkit.generation.greedy_loop import MIN_SHARED_PREFIX, greedy_decode, loop_blocker
 from editkit.models import TINY_EXTRA_TYPES, TINY_TYPES, tiny_model, tiny_tokenizer
 
 PAD, EOS = 3, 2
@@ -75,8 +75,8 @@ def test_loop_stops_rows_at_eos(model_type: str, monkeypatch: pytest.MonkeyPatch
     eos = free[longest][2]
     suppress = [t for t in NO_SPECIALS if t != eos]
     caches = []  # (capacity, filled length) of each cache the loop builds
-    real = decoding_loop._slab_cache
-    monkeypatch.setattr(decoding_loop, "_slab_cache",
+    real = incremental._slab_cache
+    monkeypatch.setattr(incremental, "_slab_cache",
                         lambda slabs, n: caches.append((slabs[0][0].shape[2], n)) or real(slabs, n))
     got = greedy_decode(model, prompts, max_new_tokens=14, eos_token_id=eos, suppress_tokens=suppress)
     want = [_hf_greedy(model, p, 14, eos, suppress) for p in prompts]
@@ -219,7 +219,7 @@ def test_generate_falls_back_for_models_the_loop_does_not_know(monkeypatch: pyte
 
 def _with_forward_keyword(model, keyword: str):
     """``model`` whose forward takes its cache under ``keyword`` (either side of transformers' rename)."""
-    from editkit.decoding_loop import cache_keyword
+    from editkit.generation.greedy_loop import cache_keyword
 
     real_forward, real_name = model.forward, cache_keyword(model)
 
@@ -240,7 +240,7 @@ def _with_forward_keyword(model, keyword: str):
 
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_loop_follows_the_forward_cache_keyword(keyword: str) -> None:
-    from editkit.decoding_loop import cache_keyword
+    from editkit.generation.greedy_loop import cache_keyword
 
     model = _model("llama")
     prompts = _prompts()
@@ -260,7 +260,7 @@ def test_loop_blocked_without_a_cache_argument() -> None:
 
 
 def test_fallback_is_logged_once_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:
-    from editkit import generation
+    from editkit.generation import api as generation
 
     generation._warn_fallback.cache_clear()
     model = tiny_model("llama", tie_word_embeddings=False)

@@ -1,0 +1,96 @@
+"""DExperts with an anti-expert only, in logits space (Liu et al., ACL 2021: "DExperts:
+Decoding-Time Controlled Text Generation with Experts and Anti-Experts")."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from editkit.decoding.nucleus import nucleus_mask
+from editkit.generation.detoxifier import Detoxifier, follow_rows
+from editkit.generation.incremental import MIN_SHARED_PREFIX, open_batch
+
+
+class DExperts(Detoxifier):
+    """Steer away from an anti-expert: a causal LM sharing the generator's tokenizer that models the
+    unwanted text (the base model with a toxic adapter, or a small model fine-tuned on toxic text).
+
+    At every step, with ``z`` the generator's next-token scores and ``z⁻`` the anti-expert's
+    next-token logits for the same sequence, the scores become::
+
+        z̃ = z + α · (z − z⁻)          (= (1 + α) · z − α · z⁻)   for tokens in the generator's nucleus
+        z̃ = −∞                                                    elsewhere
+
+    This is the paper's ensemble ``z̃ = z + α (z⁺ − z⁻)`` (Eq. 1) with the base model standing in for
+    the expert, which is how the authors run DExperts with an anti-expert only (their code re-uses
+    the base model's logits as the expert's); the nucleus is the top-``top_p`` set of the generator's
+    own distribution (§2.2; ``filter_p = 0.9`` in their detoxification runs, ``α = 2.0``). Tokens the
+    anti-expert's vocabulary lacks keep ``z`` (inside the nucleus). With ``α = 0`` the scores inside
+    the nucleus are the generator's own, so greedy decoding is unchanged (sampling is then nucleus
+    sampling at ``top_p``; ``top_p=None`` turns the nucleus off).
+
+    The anti-expert runs beside the generator with its own key/value cache, fed the same tokens, and
+    drops the rows the generator's batch drops.
+    """
+
+    label = "dexperts"
+
+    def __init__(self, anti_expert: Any, *, alpha: float = 2.0, top_p: float | None = 0.9,
+                 min_shared_prefix: int = MIN_SHARED_PREFIX) -> None:
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        if not callable(getattr(anti_expert, "forward", None)):
+            raise ValueError(f"anti_expert must be a causal LM (a module with forward), got {type(anti_expert).__name__}")
+        self.anti_expert, self.alpha, self.top_p = anti_expert, float(alpha), top_p
+        self.min_shared_prefix = min_shared_prefix
+        self._batch: Any = None
+        self._rows: torch.Tensor | None = None  # original row of each of the anti-expert's batch rows
+        self._first: torch.Tensor | None = None  # its logits after the prompts, until the first step
+
+    def settings(self) -> dict[str, Any]:
+        config = getattr(self.anti_expert, "config", None)
+        return {"kind": "dexperts", "alpha": self.alpha, "top_p": self.top_p,
+                "anti_expert": getattr(config, "_name_or_path", None) or type(self.anti_expert).__name__,
+                "anti_expert_type": getattr(config, "model_type", None)}
+
+    @torch.no_grad()
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None) -> None:
+        self.finish()
+        batch = open_batch(self.anti_expert, prompts, new_tokens=max_new_tokens,
+                           min_shared_prefix=self.min_shared_prefix)
+        self._first = batch.prefill()
+        self._batch = batch
+        self._rows = torch.arange(len(prompts), device=self._first.device)
+
+    @torch.no_grad()
+    def step(self, scores: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        if self._batch is None or self._rows is None:
+            raise RuntimeError("DExperts.step before start (or after finish)")
+        index = follow_rows(self._rows, rows)
+        if index is not None:  # rows left the generator's batch: drop them from the anti-expert's
+            self._batch.keep(index)
+            self._rows = self._rows[index]
+            if self._first is not None:
+                self._first = self._first[index]
+        if fed is None:
+            if self._first is None:
+                raise RuntimeError("DExperts.step got no fed tokens after its first step")
+            anti, self._first = self._first, None
+        else:
+            anti = self._batch.advance(fed)
+        return self.ensemble(scores, anti.to(scores.device))
+
+    def ensemble(self, scores: torch.Tensor, anti: torch.Tensor) -> torch.Tensor:
+        """``z + α (z − z⁻)`` inside the nucleus of ``scores``, −∞ outside ([rows, vocab] each)."""
+        n = min(scores.shape[-1], anti.shape[-1])
+        steered = scores.clone()
+        steered[:, :n] = scores[:, :n] + self.alpha * (scores[:, :n] - anti[:, :n].float())
+        keep = nucleus_mask(scores, self.top_p)  # finite scores only: −∞ stays −∞ (no 0·∞ at α = 0)
+        return steered.masked_fill(~keep, float("-inf"))
+
+    def finish(self) -> None:
+        self._batch, self._rows, self._first = None, None, None
