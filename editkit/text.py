@@ -8,15 +8,17 @@ from typing import Any, Literal
 
 import torch
 
-ChatMode = Literal["auto", "none"]
+# auto: the tokenizer's chat template if it has one; none: plain text, the answer on a new line;
+# raw: plain text continued as it stands (RealToxicityPrompts-style continuation prompts)
+ChatMode = Literal["auto", "none", "raw"]
 
 def with_suffix(prompt: str, suffix: str | None) -> str:
     return f"{prompt} {suffix}" if suffix else prompt
 
 
 def uses_chat(tokenizer: Any, mode: ChatMode = "auto") -> bool:
-    if mode not in ("auto", "none"):
-        raise ValueError(f"chat_template must be 'auto' or 'none', got {mode!r}")
+    if mode not in ("auto", "none", "raw"):
+        raise ValueError(f"chat_template must be 'auto', 'none' or 'raw', got {mode!r}")
     return mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 
@@ -35,7 +37,7 @@ def prompt_ids(tokenizer: Any, user: str, chat_template: ChatMode = "auto") -> l
     if uses_chat(tokenizer, chat_template):
         messages = [{"role": "user", "content": user}]
         return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return _ids(tokenizer(user + "\n", add_special_tokens=True))
+    return _ids(tokenizer(user if chat_template == "raw" else user + "\n", add_special_tokens=True))
 
 
 def target_ids(tokenizer: Any, target: str, chat_template: ChatMode = "auto", append_eos: bool = True) -> list[int]:

@@ -104,7 +104,7 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
 
 @torch.no_grad()
 def continuation_nll(
-    model: Any, tokenizer: Any, prompt: str, continuations: Sequence[str], *, chat_template: str = "none",
+    model: Any, tokenizer: Any, prompt: str, continuations: Sequence[str], *, chat_template: str = "raw",
     batch_size: int = 8, max_length: int = 2048,
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each continuation's tokens after ``prompt``, encoded as
@@ -229,7 +229,7 @@ def evaluate_toxicity(
     """Sample ``k`` continuations per prompt, score them, write the run folder; returns the summary.
 
     ``prompts``: a :class:`PromptSet` or a list of prompts (strings are continuation prompts with
-    their position as id). ``chat_template`` ("auto" / "none") and ``score_with_prompt`` default by
+    their position as id). ``chat_template`` ("auto" / "none" / "raw") and ``score_with_prompt`` default by
     the prompts' kind: raw text judged alone for continuations (the RealToxicityPrompts protocol),
     chat template and judged with the prompt for requests. ``scorer``: a judge or a
     :func:`safeedit.judge.load_judge` spec. ``ref_model`` (+ ``ref_tokenizer``, default
@@ -251,9 +251,9 @@ def evaluate_toxicity(
         items = [p if isinstance(p, ToxicityPrompt) else ToxicityPrompt(str(i), p) for i, p in enumerate(prompts)]
         prompts = PromptSet(items, "list")
     request = prompts.kind == "request"
-    chat = chat_template or ("auto" if request else "none")
-    if chat not in ("auto", "none"):
-        raise ValueError(f"chat_template must be 'auto' or 'none', got {chat!r}")
+    chat = chat_template or ("auto" if request else "raw")  # continuations go on mid-sentence
+    if chat not in ("auto", "none", "raw"):
+        raise ValueError(f"chat_template must be 'auto', 'none' or 'raw', got {chat!r}")
     with_prompt = request if score_with_prompt is None else bool(score_with_prompt)
     detox = detoxifier_kwargs(detoxifier)  # fails before any work when generate cannot take it
     intervention = as_intervention(intervention)

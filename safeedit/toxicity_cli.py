@@ -30,8 +30,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scorer", default="default", help="'default' (offline judge), 'keyword', or an HF classifier path/hub name")
     p.add_argument("--score-with-prompt", default="auto", choices=["auto", "yes", "no"],
                    help="give the scorer the prompt too (auto: for requests such as SafeEdit, not for continuations)")
-    p.add_argument("--chat-template", default=None, choices=["auto", "none"],
-                   help="default per prompt source: none (raw text) for continuations, auto for SafeEdit requests")
+    p.add_argument("--chat-template", default=None, choices=["auto", "none", "raw"],
+                   help="default per prompt source: raw (the text continued as it stands) for continuations, auto for SafeEdit requests")
     p.add_argument("--ref-model", default=None, help="perplexity reference model (default: the generating model "
                    "without the patch or detoxifier)")
     p.add_argument("--limit", type=int, default=None)

@@ -276,3 +276,17 @@ def test_fallback_is_logged_once_with_its_reason(caplog: pytest.LogCaptureFixtur
     with caplog.at_level("WARNING", logger="editkit.generation"):
         editkit.generate(model, tok, TEXTS[:2], max_new_tokens=2)
     assert not [r for r in caplog.records if "model.generate" in r.getMessage()]
+
+
+def test_raw_prompts_are_continued_as_they_stand() -> None:
+    """chat_template='raw' encodes the text alone (a continuation prompt); 'none' adds the newline an
+    answer starts on."""
+    tok = tiny_tokenizer()
+    plain = tok("The weather today is", add_special_tokens=True)["input_ids"]
+    assert editkit.text.prompt_ids(tok, "The weather today is", "raw") == plain
+    assert editkit.text.prompt_ids(tok, "The weather today is", "none") == tok("The weather today is\n")["input_ids"]
+    model = _model("llama")
+    raw = editkit.generate(model, tok, ["The weather today is"], max_new_tokens=3, chat_template="raw",
+                           suppress_tokens=NO_SPECIALS)
+    want = _hf_greedy(model, plain, 3, tok.eos_token_id, NO_SPECIALS)
+    assert raw == [tok.decode(want, skip_special_tokens=True).strip()]

@@ -350,7 +350,7 @@ def test_cli_detox_eval_and_report(tmp_path, fake_load_model, capsys):
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert len(rows_of(tmp_path / "a")) == 2
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert config["config"]["chat_template"] == "none" and config["config"]["k"] == 2
+    assert config["config"]["chat_template"] == "raw" and config["config"]["k"] == 2
     model = tiny_model("llama")
     name = "model.layers.0.mlp.down_proj.weight"
     Patch.from_deltas(model, {name: torch.ones_like(dict(model.named_parameters())[name])}).save(tmp_path / "patch")
