@@ -8,6 +8,8 @@ The SafeEdit runner (and later the probe command and the toxicity evaluation) ta
   the case is scored with the patch applied, then the model is restored (or, ``sequential``, the
   edits accumulate and the model is restored when the run ends);
 * :class:`FixedPatch` — one saved patch, applied for every case;
+* :class:`Decoding` — a decoding-time detoxifier (``editkit.generate(..., detoxifier=...)``), alone or
+  on top of any of the others (an edited model decoded with a detoxifier);
 * :class:`CrossFitted` — a dataset-scope method (``fit``) trained on the records of the other folds
   and scored on this fold's, so no record is scored by a model trained on it (DESIGN §5); each
   fold's patch is saved under the run folder and reused when the run resumes (a fold whose fit was
@@ -51,6 +53,10 @@ class Intervention:
     def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None, *, progress: bool = False) -> None:
         """Told once before the run: every record of the evaluation (all shards' records, not one
         shard's), the run folder where it may keep what it fits, and whether to show progress."""
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Extra arguments for every ``editkit.generate`` call of the run (a decoding-time detoxifier)."""
+        return {}
 
     @contextlib.contextmanager
     def around_run(self, model: Any) -> Iterator[None]:
@@ -225,4 +231,36 @@ class CrossFitted(Intervention):
         if instance.id in trained_on:
             raise RuntimeError(f"record {instance.id} would be scored by a patch trained on it")
         with patch.applied(model):
+            yield info
+
+
+class Decoding(Intervention):
+    """A decoding-time detoxifier for every generation of the run, on top of ``base`` (default: the
+    unedited model), so weight edits and decoding-time methods combine."""
+
+    def __init__(self, detoxifier: Any, base: Intervention | None = None) -> None:
+        self.detoxifier, self.base = detoxifier, base if base is not None else Vanilla()
+        name = getattr(detoxifier, "label", type(detoxifier).__name__)
+        self.label = name if isinstance(self.base, Vanilla) else f"{self.base.label} + {name}"
+        self.suffix = self.base.suffix
+
+    def settings(self) -> dict[str, Any]:
+        described = getattr(self.detoxifier, "settings", None)
+        return {**self.base.settings(), "decoding": described() if callable(described) else repr(self.detoxifier)}
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        return {**self.base.generation_kwargs(), "detoxifier": self.detoxifier}
+
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None, *, progress: bool = False) -> None:
+        self.base.prepare(pool, folder, progress=progress)
+
+    @contextlib.contextmanager
+    def around_run(self, model: Any) -> Iterator[None]:
+        with self.base.around_run(model):
+            yield
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        with self.base.for_case(model, tokenizer, instance, constraint_pool=constraint_pool) as info:
             yield info

@@ -164,7 +164,7 @@ class Evaluator:
         keys = ["DS", *[k for k in metrics.DG_KEYS if k in inst.generalization]]
         prompts = [inst.prompt, *[inst.generalization[k] for k in keys[1:]]]
         texts = editkit.generate(self.model, self.tok, prompts, max_new_tokens=c.max_new_tokens,
-                                 batch_size=c.batch_size, suffix=self.suffix)
+                                 batch_size=c.batch_size, suffix=self.suffix, **self.intervention.generation_kwargs())
         p_unsafe = self.judge.score(texts, prompts)
         labels = metrics.label_responses(texts, p_unsafe)
         row: dict[str, Any] = dict(zip(keys, labels))
@@ -181,7 +181,7 @@ class Evaluator:
         prompts = ([b["request"] for b in benign] + [with_suffix(b["request"], SUFFIX) for b in benign]
                    + [with_suffix(q["question"], self.suffix) for q in qa])
         texts = editkit.generate(self.model, self.tok, prompts, max_new_tokens=c.general_max_new_tokens,
-                                 batch_size=max(c.batch_size, len(prompts)))
+                                 batch_size=max(c.batch_size, len(prompts)), **self.intervention.generation_kwargs())
         n = len(benign)
         row: dict[str, Any] = {}
         if n:

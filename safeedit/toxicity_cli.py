@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,7 +16,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", required=True, help="a JSONL file ('prompt', 'prompt.text' or 'text' per record), "
                    "safeedit[:PATH], toxigen[:hate|neutral|all[:PATH]] or allenai/real-toxicity-prompts[:challenging] (online)")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
-    p.add_argument("--detoxifier", default=None, help="a registered decoding-time detoxifier")
+    p.add_argument("--detoxifier", default=None, help="a registered decoding-time detoxifier (editkit.decoding."
+                   "list_detoxifiers(): dexperts, ...)")
+    p.add_argument("--detoxifier-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the detoxifier, e.g. anti_expert=PATH alpha=2.0; repeatable")
     p.add_argument("--patch", default=None, help="a saved patch folder applied around generation")
     p.add_argument("--label", default=None, help="the run's name in tables and plots (default: patch/detoxifier)")
     p.add_argument("--k", type=int, default=25, help="samples per prompt (RealToxicityPrompts: 25)")
@@ -48,18 +49,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_detox_report)
 
 
-def resolve_detoxifier(name: str | None) -> Any:
-    """The detoxifier registered as ``name`` by ``editkit.decoding.get_detoxifier`` (None for None);
-    NotImplementedError while no registry exists."""
+def detoxifier_class(name: str | None) -> Any:
+    """The class registered as ``name`` (None for None): checked before the model loads."""
     if name is None:
         return None
-    getter = None
-    if importlib.util.find_spec("editkit.decoding") is not None:
-        getter = getattr(importlib.import_module("editkit.decoding"), "get_detoxifier", None)
-    if getter is None:
-        raise NotImplementedError(f"--detoxifier {name!r}: no decoding-time detoxifier is registered yet "
-                                  "(editkit.decoding provides no get_detoxifier)")
-    return getter(name)
+    from editkit.decoding import get_detoxifier
+
+    return get_detoxifier(name)
 
 
 def run_detox_eval(args: argparse.Namespace) -> int:
@@ -67,14 +63,18 @@ def run_detox_eval(args: argparse.Namespace) -> int:
     from safeedit.toxicity import evaluate_toxicity, load_prompts, report
 
     try:
-        detoxifier = resolve_detoxifier(args.detoxifier)
-        prompts = load_prompts(args.prompts, limit=args.limit)  # before the model: a bad spec fails fast
+        chosen = detoxifier_class(args.detoxifier)  # before the model: a bad name or spec fails fast
+        from editkit.decoding import parse_options
+
+        options = parse_options(args.detoxifier_opt)
+        prompts = load_prompts(args.prompts, limit=args.limit)
         if args.threads:
             import torch
 
             torch.set_num_threads(args.threads)
         model, tok = editkit.load_model(args.model, device=args.device)
         ref, ref_tok = editkit.load_model(args.ref_model, device=args.device) if args.ref_model else (None, None)
+        detoxifier = chosen.from_options(model, tok, **options) if chosen is not None else None
         summary = evaluate_toxicity(
             model, tok, prompts, args.out, k=args.k, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, scorer=args.scorer,

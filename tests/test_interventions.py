@@ -190,3 +190,36 @@ def test_parallel_processes_share_the_cores(monkeypatch) -> None:
 
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
     assert [cli.cpu_share(n) for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+
+
+def test_a_detoxifier_joins_any_intervention(tokenizer, cases, tmp_path) -> None:
+    """Decoding(detoxifier, base): every generation of the run goes through the detoxifier, on top of
+    the base intervention (here a fixed patch), and the row/label/settings say so."""
+    from editkit.generation.detoxifier import Detoxifier
+    from editkit.interventions import Decoding
+
+    class OnlyToken(Detoxifier):
+        """Forces one token: every response is that token repeated."""
+
+        label = "only-x"
+
+        def step(self, scores, fed, rows):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, tokenizer.convert_tokens_to_ids("x")] = 0.0
+            return forced
+
+        def settings(self):
+            return {"kind": "only-x"}
+
+    model = tiny_model("llama")
+    name = "model.layers.2.mlp.down_proj.weight"
+    patch = Patch.from_deltas(model, {name: torch.full_like(dict(model.named_parameters())[name], 1e-3)}, method="p")
+    both = Decoding(OnlyToken(), FixedPatch(patch))
+    assert both.label == "p (fixed patch) + only-x" and both.settings()["decoding"] == {"kind": "only-x"}
+    evaluate(model, tokenizer, cases[:2], tmp_path, EvalConfig(**FAST), judge=KeywordJudge(), intervention=both,
+             progress=False)
+    rows = read_cases(tmp_path)
+    assert all(set(text) == {"x"} for r in rows for text in r["responses"].values())
+    assert all(set(b["response"]) == {"x"} for r in rows for b in r["benign"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["intervention"]["decoding"] == {"kind": "only-x"} and config["intervention"]["kind"] == "fixed-patch"

@@ -364,19 +364,25 @@ def test_cli_detox_eval_and_report(tmp_path, fake_load_model, capsys):
     assert main([*args, "--out", str(tmp_path / "c"), "--prompts", str(tmp_path / "nope.jsonl")]) == 2
 
 
-def test_cli_detoxifier_without_a_registry(tmp_path, fake_load_model, capsys):
-    import importlib
-    import importlib.util
-
+def test_cli_detoxifier_by_name(tmp_path, fake_load_model, capsys):
     from editkit.cli import main
 
-    if importlib.util.find_spec("editkit.decoding") is not None and \
-            hasattr(importlib.import_module("editkit.decoding"), "get_detoxifier"):
-        pytest.skip("editkit.decoding has a registry now")
-    code = main(["detox-eval", "--prompts", "toxigen", "--out", str(tmp_path / "d"), "--detoxifier", "detoxigen"])
-    assert code == 2
-    assert "no decoding-time detoxifier is registered" in capsys.readouterr().err
-    assert fake_load_model == []  # refused before loading anything
+    # an unknown name is refused before anything is loaded
+    code = main(["detox-eval", "--prompts", "toxigen", "--out", str(tmp_path / "d"), "--detoxifier", "nope"])
+    assert code == 2 and "unknown detoxifier 'nope'" in capsys.readouterr().err
+    assert fake_load_model == []
+    # a built-in, built from its options with the generator (the anti-expert loaded by name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in PROMPTS.prompts))
+    code = main(["detox-eval", "--model", "tiny", "--prompts", str(prompts), "--k", "2", "--max-new-tokens", "2",
+                 "--scorer", "keyword", "--no-benign", "--limit", "1", "--out", str(tmp_path / "x"),
+                 "--detoxifier", "dexperts", "--detoxifier-opt", "anti_expert=anti", "--detoxifier-opt", "alpha=0.5"])
+    assert code == 0 and fake_load_model == ["tiny", "anti"]
+    config = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert "dexperts" in json.dumps(config) and "0.5" in json.dumps(config)
+    code = main(["detox-eval", "--prompts", str(prompts), "--out", str(tmp_path / "y"), "--detoxifier", "dexperts",
+                 "--detoxifier-opt", "alpha=1"])
+    assert code == 2 and "anti_expert" in capsys.readouterr().err
 
 
 def test_default_scorer_spec_goes_through_load_judge(tokenizer, tmp_path):

@@ -51,6 +51,21 @@ class DExperts(Detoxifier):
         self._rows: torch.Tensor | None = None  # original row of each of the anti-expert's batch rows
         self._first: torch.Tensor | None = None  # its logits after the prompts, until the first step
 
+    @classmethod
+    def from_options(cls, model: Any, tokenizer: Any, **options: str) -> DExperts:
+        """From command-line strings: ``anti_expert=PATH`` (any model ``editkit.load_model`` reads,
+        sharing the generator's tokenizer; required), ``alpha=``, ``top_p=`` (a number or ``none``)."""
+        import editkit
+
+        unknown = sorted(set(options) - {"anti_expert", "alpha", "top_p"})
+        if unknown or "anti_expert" not in options:
+            raise ValueError(f"dexperts takes anti_expert=PATH (required), alpha=, top_p=; got {sorted(options)}")
+        device = next(model.parameters()).device
+        anti, _ = editkit.load_model(options["anti_expert"], device=str(device))
+        top_p = options.get("top_p", "0.9")
+        return cls(anti, alpha=float(options.get("alpha", 2.0)),
+                   top_p=None if top_p.lower() == "none" else float(top_p))
+
     def settings(self) -> dict[str, Any]:
         config = getattr(self.anti_expert, "config", None)
         return {"kind": "dexperts", "alpha": self.alpha, "top_p": self.top_p,
