@@ -16,6 +16,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hparams", default=None, help="method settings: YAML path or a preset name (editkit/presets/<METHOD>/)")
     p.add_argument("--patch", default=None, help="a saved patch applied for every case (instead of --method)")
     p.add_argument("--folds", type=int, default=2, help="dataset-scope methods: k-fold cross-fitting by record id")
+    p.add_argument("--detoxifier", default=None, help="a decoding-time detoxifier on every generation, alone or on "
+                   "top of --method/--patch (editkit.decoding.list_detoxifiers())")
+    p.add_argument("--detoxifier-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the detoxifier, e.g. anti_expert=PATH; repeatable")
     p.add_argument("--fold", type=int, default=None, help="dataset-scope methods: score only the records of this fold "
                    "(one process per fold fits one model each; instead of --shard)")
     p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file or zjunlp/SafeEdit (default: the shared dev records)")
@@ -82,8 +86,18 @@ def run_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(threads)
+    intervention = None
+    if args.detoxifier:
+        from editkit.decoding import get_detoxifier, parse_options
+
+        detoxifier_class, options = get_detoxifier(args.detoxifier), parse_options(args.detoxifier_opt)
     model, tok = editkit.load_model(args.model, device=args.device)
-    summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard)
+    if args.detoxifier:
+        from editkit.interventions import Decoding
+        from safeedit.runner import intervention_for
+
+        intervention = Decoding(detoxifier_class.from_options(model, tok, **options), intervention_for(config))
+    summary = evaluate(model, tok, cases, args.out, config, pool=pool.instances, shard=shard, intervention=intervention)
     print((Path(args.out) / "table.md").read_text())
     print(json.dumps(summary, indent=2))
     return 0

@@ -223,3 +223,18 @@ def test_a_detoxifier_joins_any_intervention(tokenizer, cases, tmp_path) -> None
     assert all(set(b["response"]) == {"x"} for r in rows for b in r["benign"])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["intervention"]["decoding"] == {"kind": "only-x"} and config["intervention"]["kind"] == "fixed-patch"
+
+
+def test_eval_cli_takes_a_detoxifier_by_name(tokenizer, safeedit_dev, tmp_path, monkeypatch) -> None:
+    import editkit
+    from editkit.cli import build_parser
+
+    loaded = []
+    monkeypatch.setattr(editkit, "load_model", lambda name, **k: loaded.append(name) or (tiny_model("llama"), tokenizer))
+    args = build_parser().parse_args(["eval", "--data", str(safeedit_dev), "--out", str(tmp_path), "--limit", "1",
+                                      "--judge", "keyword", "--max-new-tokens", "2", "--detoxifier", "dexperts",
+                                      "--detoxifier-opt", "anti_expert=anti", "--detoxifier-opt", "alpha=0"])
+    assert args.func(args) == 0 and loaded == ["default", "anti"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["intervention"]["decoding"]["kind"] == "dexperts"
+    assert read_cases(tmp_path)[0]["method"] == "none"
