@@ -34,6 +34,10 @@ _LAZY = {
     "generate": "editkit.generation.api:generate",
     "Detoxifier": "editkit.generation.detoxifier:Detoxifier",
     "DExperts": "editkit.decoding.dexperts:DExperts",
+    "DetoxiGen": "editkit.decoding.detoxigen:DetoxiGen",
+    "FGDILP": "editkit.decoding.fgdilp:FGDILP",
+    "CalibrationFusion": "editkit.decoding.calibration:CalibrationFusion",
+    "SelfDebiasing": "editkit.decoding.selfdebias:SelfDebiasing",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -41,7 +45,11 @@ __all__ = sorted(_LAZY) + ["__version__"]
 if TYPE_CHECKING:  # pragma: no cover
     from editkit.api import edit, fit
     from editkit.checkpoint import load_checkpoint, save_checkpoint
+    from editkit.decoding.calibration import CalibrationFusion
+    from editkit.decoding.detoxigen import DetoxiGen
     from editkit.decoding.dexperts import DExperts
+    from editkit.decoding.fgdilp import FGDILP
+    from editkit.decoding.selfdebias import SelfDebiasing
     from editkit.generation.api import generate
     from editkit.generation.detoxifier import Detoxifier
     from editkit.hparams import HParams

@@ -379,3 +379,18 @@ def test_follow_rows() -> None:
     assert follow_rows(rows, torch.tensor([2, 5])).tolist() == [1, 3]
     with pytest.raises(RuntimeError, match=r"rows \[1\]"):
         follow_rows(rows, torch.tensor([1, 2]))
+
+
+def test_every_builtin_detoxifier_is_registered_and_buildable_by_name() -> None:
+    from editkit.decoding import get_detoxifier, list_detoxifiers, register_detoxifier
+    from editkit.generation.detoxifier import Detoxifier
+
+    names = list_detoxifiers()
+    assert {"dexperts", "detoxigen", "fgdilp", "calibration", "selfdebias"} <= set(names)
+    for name in names:
+        cls = get_detoxifier(name)
+        assert issubclass(cls, Detoxifier) and callable(cls.from_options)
+    with pytest.raises(ValueError, match="already registered"):
+        register_detoxifier("dexperts", get_detoxifier("fgdilp"))
+    with pytest.raises(ValueError, match="unknown detoxifier"):
+        get_detoxifier("nope")

@@ -11,6 +11,10 @@ from typing import Any
 
 _BUILTIN = {
     "dexperts": "editkit.decoding.dexperts:DExperts",
+    "detoxigen": "editkit.decoding.detoxigen:DetoxiGen",
+    "fgdilp": "editkit.decoding.fgdilp:FGDILP",
+    "calibration": "editkit.decoding.calibration:CalibrationFusion",
+    "selfdebias": "editkit.decoding.selfdebias:SelfDebiasing",
 }
 _REGISTRY: dict[str, type] = {}
 
