@@ -336,7 +336,7 @@ def test_nothing_remains_after_generation_or_an_error(monkeypatch: pytest.Monkey
     config_before = gen.generation_config.to_dict()
     fusion = CalibrationFusion(gen, cal, _alignment(gen, cal), alpha=0.5)
     editkit.generate(gen, tok, TEXTS, max_new_tokens=4, batch_size=2, detoxifier=fusion)
-    assert fusion._batch is None and _no_hooks(gen) and _no_hooks(cal)
+    assert fusion._follow is None and _no_hooks(gen) and _no_hooks(cal)
     calls = {"n": 0}
     real = cal.forward
 
@@ -355,7 +355,7 @@ def test_nothing_remains_after_generation_or_an_error(monkeypatch: pytest.Monkey
                 patch.setattr(gen.config, "model_type", "my_llama")
             with pytest.raises(RuntimeError, match="calibration failure"):
                 editkit.generate(gen, tok, TEXTS, max_new_tokens=5, batch_size=5, detoxifier=fusion)
-        assert fusion._batch is None and fusion._rows is None and fusion._first is None
+        assert fusion._follow is None
         assert _no_hooks(gen) and _no_hooks(cal)
     assert gen.generation_config.to_dict() == config_before
     assert len(editkit.generate(gen, tok, TEXTS, max_new_tokens=3, detoxifier=fusion)) == len(TEXTS)

@@ -342,7 +342,7 @@ def test_nothing_remains_after_generation_or_an_error(path: str, monkeypatch: py
     monkeypatch.setattr(anti, "forward", forward)
     with pytest.raises(RuntimeError, match="anti-expert failure"):
         editkit.generate(gen, tok, TEXTS, max_new_tokens=5, batch_size=5, detoxifier=detox)
-    assert detox._batch is None and detox._rows is None and _no_hooks(gen) and _no_hooks(anti)
+    assert detox._run is None and _no_hooks(gen) and _no_hooks(anti)
     assert gen.generation_config.to_dict() == config_before  # no processor stored on the model
     assert len(editkit.generate(gen, tok, TEXTS, max_new_tokens=3, detoxifier=detox)) == len(TEXTS)
 

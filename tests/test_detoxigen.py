@@ -19,7 +19,6 @@ from editkit.decoding import detoxigen_train
 from editkit.decoding.detoxigen import (DetoxiGen, SoftPrompt, SoftPromptBatch, SoftPromptError, contrastive_scores,
                                         soft_prompt_logits)
 from editkit.decoding.detoxigen_train import load_toxic_texts, soft_prompt_loss, train_detoxigen_prompt
-from editkit.decoding.nucleus import nucleus_mask
 from editkit.generation import incremental
 from editkit.generation.greedy_loop import greedy_decode
 from editkit.models import tiny_model, tiny_tokenizer
@@ -433,7 +432,7 @@ def test_nothing_remains_after_generation_or_an_error(path: str, monkeypatch: py
     attrs_before = sorted(vars(gen))
     detox = DetoxiGen(gen, _prompt(gen), alpha=1.0)
     want = editkit.generate(gen, tok, TEXTS, detoxifier=detox, **opts)
-    assert _no_hooks(gen) and detox._batch is None and detox._rows is None
+    assert _no_hooks(gen) and detox._run is None
     # the detoxifier's runner fails mid-way: the generation raises, its state is dropped, nothing stays
     real_advance = SoftPromptBatch.advance
     calls = {"n": 0}
@@ -447,14 +446,14 @@ def test_nothing_remains_after_generation_or_an_error(path: str, monkeypatch: py
     monkeypatch.setattr(SoftPromptBatch, "advance", failing)
     with pytest.raises(RuntimeError, match="detoxifier failure"):
         editkit.generate(gen, tok, TEXTS, detoxifier=detox, **opts)
-    assert calls["n"] == 2 and detox._batch is None and detox._rows is None and detox._first is None
+    assert calls["n"] == 2 and detox._run is None
     assert _no_hooks(gen) and gen.generation_config.to_dict() == config_before and sorted(vars(gen)) == attrs_before
     # the combination itself fails
     monkeypatch.setattr(SoftPromptBatch, "advance", real_advance)
     monkeypatch.setattr(detox, "combine", lambda scores, logits: (_ for _ in ()).throw(RuntimeError("step failure")))
     with pytest.raises(RuntimeError, match="step failure"):
         editkit.generate(gen, tok, TEXTS, detoxifier=detox, **opts)
-    assert detox._batch is None and _no_hooks(gen) and gen.generation_config.to_dict() == config_before
+    assert detox._run is None and _no_hooks(gen) and gen.generation_config.to_dict() == config_before
     monkeypatch.undo()
     # and it works again afterwards, as before
     assert editkit.generate(gen, tok, TEXTS, detoxifier=detox, **opts) == want

@@ -222,7 +222,7 @@ def test_nothing_remains_after_generation_or_an_error(monkeypatch: pytest.Monkey
     config_before = model.generation_config.to_dict()
     detox = SelfDebiasing(model, tok, prefixes=SHORT)
     editkit.generate(model, tok, TEXTS, max_new_tokens=4, batch_size=2, detoxifier=detox)
-    assert detox._batch is None and _no_hooks(model)
+    assert detox._run is None and _no_hooks(model)
     calls = {"n": 0}
     real = model.forward
 
@@ -241,7 +241,7 @@ def test_nothing_remains_after_generation_or_an_error(monkeypatch: pytest.Monkey
                 patch.setattr(model.config, "model_type", "my_llama")
             with pytest.raises(RuntimeError, match="model failure"):
                 editkit.generate(model, tok, TEXTS, max_new_tokens=5, batch_size=5, detoxifier=detox)
-        assert detox._batch is None and detox._rows is None and detox._first is None and _no_hooks(model)
+        assert detox._run is None and _no_hooks(model)
     assert model.generation_config.to_dict() == config_before  # no processor stored on the model
     assert len(editkit.generate(model, tok, TEXTS, max_new_tokens=3, detoxifier=detox)) == len(TEXTS)
     with pytest.raises(ValueError, match="another generator"):

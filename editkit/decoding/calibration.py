@@ -52,7 +52,7 @@ from torch import nn
 
 from editkit.arch import ArchMap, get_module, lm_head, resolve_arch
 from editkit.devices import real_values
-from editkit.generation.detoxifier import Detoxifier, follow_rows
+from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import MIN_SHARED_PREFIX, open_batch
 from editkit.patch import atomic_write_dir, fingerprint, fingerprint_matches, model_info
 
@@ -280,9 +280,7 @@ class CalibrationFusion(Detoxifier):
         self.calibration_head = calibration_head
         self.alpha, self.norm, self.min_shared_prefix = float(alpha), norm, min_shared_prefix
         self._matrix: torch.Tensor | None = None  # the alignment on the generator's device and dtype
-        self._batch: Any = None
-        self._rows: torch.Tensor | None = None  # original row of each of the calibration batch's rows
-        self._first: torch.Tensor | None = None  # [rows, d_cal] hidden states after the prompts
+        self._follow: FollowingRun | None = None  # the calibration model's run, giving [rows, d_cal] states
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any, **options: str) -> CalibrationFusion:
@@ -323,9 +321,7 @@ class CalibrationFusion(Detoxifier):
         self.finish()
         batch = open_batch(self.calibration, prompts, new_tokens=max_new_tokens,
                            min_shared_prefix=self.min_shared_prefix)
-        self._first = self._run(batch.prefill, len(prompts))
-        self._batch = batch
-        self._rows = torch.arange(len(prompts), device=self._first.device)
+        self._follow = FollowingRun(batch, self._run(batch.prefill, len(prompts)), len(prompts))
 
     def _run(self, call: Any, rows: int, *args: Any) -> torch.Tensor:
         """``call(*args)`` on the calibration batch; its last hidden state per row [rows, d_cal]."""
@@ -339,20 +335,10 @@ class CalibrationFusion(Detoxifier):
 
     @torch.no_grad()
     def step(self, scores: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        if self._batch is None or self._rows is None:
+        run = self._follow
+        if run is None:
             raise RuntimeError("CalibrationFusion.step before start (or after finish)")
-        index = follow_rows(self._rows, rows)
-        if index is not None:  # rows left the generator's batch: drop them from the calibration batch
-            self._batch.keep(index)
-            self._rows = self._rows[index]
-            if self._first is not None:
-                self._first = self._first[index.to(self._first.device)]
-        if fed is None:
-            if self._first is None:
-                raise RuntimeError("CalibrationFusion.step got no fed tokens after its first step")
-            hidden, self._first = self._first, None
-        else:
-            hidden = self._run(self._batch.advance, len(self._rows), fed)
+        hidden = run.next(fed, rows, advance=lambda tokens: self._run(run.batch.advance, len(run.rows), tokens))
         return self.fuse(scores, hidden)
 
     @torch.no_grad()
@@ -379,4 +365,4 @@ class CalibrationFusion(Detoxifier):
         return fused.masked_fill(~torch.isfinite(scores), float("-inf"))
 
     def finish(self) -> None:
-        self._batch, self._rows, self._first = None, None, None
+        self._follow = None

@@ -28,7 +28,7 @@ from torch import nn
 
 from editkit.decoding.nucleus import nucleus_mask
 from editkit.devices import real_values
-from editkit.generation.detoxifier import Detoxifier, follow_rows
+from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import PaddedBatch
 from editkit.patch import atomic_write_dir, fingerprint, fingerprint_matches, model_info
 
@@ -288,9 +288,7 @@ class DetoxiGen(Detoxifier):
         else:
             raise ValueError(f"prompt must be a SoftPrompt or the folder of a saved one, got {type(prompt).__name__}")
         self.model, self.prompt, self.alpha, self.top_p = model, prompt, float(alpha), top_p
-        self._batch: SoftPromptBatch | None = None
-        self._rows: torch.Tensor | None = None  # original row of each of the detoxifier's batch rows
-        self._first: torch.Tensor | None = None  # its logits after the prompts, until the first step
+        self._run: FollowingRun | None = None  # the detoxifier's own run, following the generator's rows
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any = None, **options: str) -> DetoxiGen:
@@ -324,34 +322,20 @@ class DetoxiGen(Detoxifier):
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None) -> None:
         self.finish()
         batch = SoftPromptBatch(self.model, prompts, self.prompt.embeddings)
-        self._first = batch.prefill()
-        self._batch = batch
-        self._rows = torch.arange(len(prompts), device=self._first.device)
+        self._run = FollowingRun(batch, batch.prefill(), len(prompts))
 
     @torch.no_grad()
     def step(self, scores: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        if self._batch is None or self._rows is None:
+        if self._run is None:
             raise RuntimeError("DetoxiGen.step before start (or after finish)")
-        index = follow_rows(self._rows, rows)
-        if index is not None:  # rows left the generator's batch: drop them from the detoxifier's
-            self._batch.keep(index)
-            self._rows = self._rows[index]
-            if self._first is not None:
-                self._first = self._first[index]
-        if fed is None:
-            if self._first is None:
-                raise RuntimeError("DetoxiGen.step got no fed tokens after its first step")
-            logits, self._first = self._first, None
-        else:
-            logits = self._batch.advance(fed)
-        return self.combine(scores, logits)
+        return self.combine(scores, self._run.next(fed, rows))
 
     def combine(self, scores: torch.Tensor, detoxifier_logits: torch.Tensor) -> torch.Tensor:
         """This detoxifier's :func:`contrastive_scores`."""
         return contrastive_scores(scores, detoxifier_logits, alpha=self.alpha, top_p=self.top_p)
 
     def finish(self) -> None:
-        self._batch, self._rows, self._first = None, None, None
+        self._run = None
 
 
 def soft_prompt_logits(model: Any, prompt: SoftPrompt, ids: Sequence[int]) -> torch.Tensor:

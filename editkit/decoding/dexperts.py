@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from editkit.decoding.nucleus import nucleus_mask
-from editkit.generation.detoxifier import Detoxifier, follow_rows
+from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import MIN_SHARED_PREFIX, open_batch
 
 
@@ -47,9 +47,7 @@ class DExperts(Detoxifier):
             raise ValueError(f"anti_expert must be a causal LM (a module with forward), got {type(anti_expert).__name__}")
         self.anti_expert, self.alpha, self.top_p = anti_expert, float(alpha), top_p
         self.min_shared_prefix = min_shared_prefix
-        self._batch: Any = None
-        self._rows: torch.Tensor | None = None  # original row of each of the anti-expert's batch rows
-        self._first: torch.Tensor | None = None  # its logits after the prompts, until the first step
+        self._run: FollowingRun | None = None  # the anti-expert's run, following the generator's rows
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any, **options: str) -> DExperts:
@@ -77,27 +75,13 @@ class DExperts(Detoxifier):
         self.finish()
         batch = open_batch(self.anti_expert, prompts, new_tokens=max_new_tokens,
                            min_shared_prefix=self.min_shared_prefix)
-        self._first = batch.prefill()
-        self._batch = batch
-        self._rows = torch.arange(len(prompts), device=self._first.device)
+        self._run = FollowingRun(batch, batch.prefill(), len(prompts))
 
     @torch.no_grad()
     def step(self, scores: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        if self._batch is None or self._rows is None:
+        if self._run is None:
             raise RuntimeError("DExperts.step before start (or after finish)")
-        index = follow_rows(self._rows, rows)
-        if index is not None:  # rows left the generator's batch: drop them from the anti-expert's
-            self._batch.keep(index)
-            self._rows = self._rows[index]
-            if self._first is not None:
-                self._first = self._first[index]
-        if fed is None:
-            if self._first is None:
-                raise RuntimeError("DExperts.step got no fed tokens after its first step")
-            anti, self._first = self._first, None
-        else:
-            anti = self._batch.advance(fed)
-        return self.ensemble(scores, anti.to(scores.device))
+        return self.ensemble(scores, self._run.next(fed, rows).to(scores.device))
 
     def ensemble(self, scores: torch.Tensor, anti: torch.Tensor) -> torch.Tensor:
         """``z + α (z − z⁻)`` inside the nucleus of ``scores``, −∞ outside ([rows, vocab] each)."""
@@ -108,4 +92,4 @@ class DExperts(Detoxifier):
         return steered.masked_fill(~keep, float("-inf"))
 
     def finish(self) -> None:
-        self._batch, self._rows, self._first = None, None, None
+        self._run = None

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from editkit.generation.detoxifier import Detoxifier, follow_rows
+from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import MIN_SHARED_PREFIX, open_batch
 
 # The self-debiasing inputs of the authors' toxicity experiments (their code's DEBIASING_PREFIXES),
@@ -93,9 +93,7 @@ class SelfDebiasing(Detoxifier):
             raise ValueError("every self-debiasing prefix must encode to at least one token")
         self.bos = tokenizer.bos_token_id
         self.decay, self.epsilon, self.min_shared_prefix = float(decay), float(epsilon), min_shared_prefix
-        self._batch: Any = None
-        self._rows: torch.Tensor | None = None  # original row of each prompt's rows in the debiasing batch
-        self._first: torch.Tensor | None = None  # [prefixes * rows, vocab] logits after the prompts
+        self._run: FollowingRun | None = None  # the debiasing inputs' run: one block of rows per prefix
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any, **options: str) -> SelfDebiasing:
@@ -136,31 +134,15 @@ class SelfDebiasing(Detoxifier):
         self.finish()
         batch = open_batch(self.model, self.debiasing_inputs(prompts), new_tokens=max_new_tokens,
                            min_shared_prefix=self.min_shared_prefix)
-        self._first = batch.prefill()
-        self._batch = batch
-        self._rows = torch.arange(len(prompts), device=self._first.device)
+        self._run = FollowingRun(batch, batch.prefill(), len(prompts), copies=len(self.prefix_ids))
 
     @torch.no_grad()
     def step(self, scores: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        if self._batch is None or self._rows is None:
+        if self._run is None:
             raise RuntimeError("SelfDebiasing.step before start (or after finish)")
-        k = len(self.prefix_ids)
-        index = follow_rows(self._rows, rows)
-        if index is not None:  # rows left the generator's batch: drop them under every prefix
-            n = len(self._rows)
-            keep = torch.cat([index + j * n for j in range(k)])
-            self._batch.keep(keep)
-            self._rows = self._rows[index]
-            if self._first is not None:
-                self._first = self._first[keep.to(self._first.device)]
-        if fed is None:
-            if self._first is None:
-                raise RuntimeError("SelfDebiasing.step got no fed tokens after its first step")
-            biased, self._first = self._first, None
-        else:
-            biased = self._batch.advance(fed.repeat(k))
-        biased = biased.to(scores.device).view(k, len(self._rows), -1)
+        biased = self._run.next(fed, rows)  # every prefix's row of each prompt, block by block
+        biased = biased.to(scores.device).view(len(self.prefix_ids), len(self._run.rows), -1)
         return self_debias_scores(scores, biased, decay=self.decay, epsilon=self.epsilon)
 
     def finish(self) -> None:
-        self._batch, self._rows, self._first = None, None, None
+        self._run = None

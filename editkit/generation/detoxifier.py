@@ -104,6 +104,36 @@ def follow_rows(previous: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | No
     return index
 
 
+class FollowingRun:
+    """A detoxifier's own incremental run beside the generator (its own KV cache), kept in step with
+    the generator's rows: ``copies`` blocks of the generator's batch (block ``j`` holds generator row
+    ``i`` at ``j * n + i``, for several auxiliary inputs per prompt). ``first`` is what the run's
+    prefill returned, handed out at the first step; later steps feed every block the token its
+    generator row was fed."""
+
+    def __init__(self, batch: Any, first: torch.Tensor, rows: int, *, copies: int = 1) -> None:
+        self.batch, self.copies, self._first = batch, copies, first
+        self.rows = torch.arange(rows, device=first.device)  # original row of each generator row still here
+
+    def next(self, fed: torch.Tensor | None, rows: torch.Tensor, advance: Any = None) -> torch.Tensor:
+        """The run's output for this step after dropping the rows that left the generator's batch;
+        ``advance(tokens)`` steps the batch (default ``batch.advance``)."""
+        index = follow_rows(self.rows, rows)
+        if index is not None:
+            n = len(self.rows)
+            keep = torch.cat([index + j * n for j in range(self.copies)]) if self.copies > 1 else index
+            self.batch.keep(keep)
+            self.rows = self.rows[index]
+            if self._first is not None:
+                self._first = self._first[keep.to(self._first.device)]
+        if fed is None:
+            if self._first is None:
+                raise RuntimeError("a detoxifier step got no fed tokens after its first step")
+            out, self._first = self._first, None
+            return out
+        return (advance or self.batch.advance)(fed.repeat(self.copies) if self.copies > 1 else fed)
+
+
 @functools.cache
 def _processor_class() -> type:
     from transformers import LogitsProcessor
