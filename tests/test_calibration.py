@@ -6,7 +6,6 @@ save/load and its refusal of other models, and nothing left behind after a gener
 from __future__ import annotations
 
 import functools
-import random
 
 import pytest
 import torch
@@ -21,28 +20,12 @@ from editkit.decoding.calibration_train import (info_nce, non_toxic_texts, share
 from editkit.generation import incremental
 from editkit.generation.greedy_loop import greedy_decode
 from editkit.models import tiny_model, tiny_tokenizer
+from helpers import peaked_model as _model, varied_prompts as _prompts, no_hooks as _no_hooks
 
 PAD, EOS = 3, 2
 NO_SPECIALS = [0, 1, 2, 3]
 TEXTS = ["Hi", "What is the weather like today in Paris, and should I take an umbrella?", "x",
          "What is the weather like today in Paris, and should I stay home?", "Tell me a story."]
-
-
-def _model(model_type: str = "llama", seed: int = 0, scale: float = 4.0, hidden_size: int = 32):
-    """A tiny random model, scaled up so that a wrong position or cache entry changes the tokens."""
-    model = tiny_model(model_type, tie_word_embeddings=False, seed=seed, hidden_size=hidden_size)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(scale)
-    return model
-
-
-def _prompts(seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    base = [rng.randrange(4, 260) for _ in range(60)]
-    other = [rng.randrange(4, 260) for _ in range(30)]
-    return [base[:50] + [7, 8, 9], other[:5], base[:40] + other, [42], other[:20]]
 
 
 def _alignment(gen, cal, seed: int = 0) -> Alignment:
@@ -52,10 +35,6 @@ def _alignment(gen, cal, seed: int = 0) -> Alignment:
     matrix = torch.randn(d_cal, d_gen, generator=torch.Generator().manual_seed(seed)) / d_cal ** 0.5
     tok = tiny_tokenizer()
     return Alignment.for_models(gen, cal, matrix, tokenizers=(tok, tok))
-
-
-def _no_hooks(model) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def _last_hidden(model, seq: list[int]) -> torch.Tensor:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import random
 
 import pytest
 import torch
@@ -18,31 +17,13 @@ from editkit.decoding import DExperts
 from editkit.decoding.nucleus import nucleus_mask
 from editkit.generation import Detoxifier, follow_rows, incremental
 from editkit.generation.greedy_loop import greedy_decode
-from editkit.models import tiny_model, tiny_tokenizer
+from editkit.models import tiny_tokenizer
+from helpers import peaked_model as _model, varied_prompts as _prompts, no_hooks as _no_hooks
 
 PAD, EOS = 3, 2
 NO_SPECIALS = [0, 1, 2, 3]  # random models favour the specials; keep them out of most tests
 TEXTS = ["Hi", "What is the weather like today in Paris, and should I take an umbrella?", "x",
          "What is the weather like today in Paris, and should I stay home?", "Tell me a story."]
-
-
-def _model(model_type: str = "llama", seed: int = 0, scale: float = 4.0):
-    """A tiny random model, its matrices scaled up so that attention is peaked and a wrong position
-    or cache entry changes the tokens (as in tests/test_generation.py)."""
-    model = tiny_model(model_type, tie_word_embeddings=False, seed=seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(scale)
-    return model
-
-
-def _prompts(seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of very different lengths, two sharing a long prefix (reused in prefill)."""
-    rng = random.Random(seed)
-    base = [rng.randrange(4, 260) for _ in range(60)]
-    other = [rng.randrange(4, 260) for _ in range(30)]
-    return [base[:50] + [7, 8, 9], other[:5], base[:40] + other, [42], other[:20]]
 
 
 def _biased_anti_expert(model, tokens: list[int], bias: float):
@@ -102,10 +83,6 @@ def _nucleus_by_hand(z: torch.Tensor, top_p: float | None) -> torch.Tensor:
         if total > top_p:
             break
     return chosen & keep
-
-
-def _no_hooks(model) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 class _Spy:

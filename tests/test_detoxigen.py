@@ -9,7 +9,6 @@ import copy
 import functools
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from editkit.decoding.detoxigen_train import load_toxic_texts, soft_prompt_loss,
 from editkit.generation import incremental
 from editkit.generation.greedy_loop import greedy_decode
 from editkit.models import tiny_model, tiny_tokenizer
+from helpers import peaked_model as _model, varied_prompts as _prompts, no_hooks as _no_hooks
 
 EOS = 2
 NO_SPECIALS = [0, 1, 2, 3]  # random models favour the specials; keep them out of most tests
@@ -32,34 +32,10 @@ TOXIC = ["you people are all worthless and should leave", "i hate every one of t
          "go back where you came from, you filth", "all of them are liars and thieves"]
 
 
-def _model(model_type: str = "llama", seed: int = 0, scale: float = 4.0):
-    """A tiny random model, its matrices scaled up so that attention is peaked and a wrong position
-    or cache entry changes the tokens (as in tests/test_detoxifiers.py)."""
-    model = tiny_model(model_type, tie_word_embeddings=False, seed=seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(scale)
-    return model
-
-
 def _prompt(model, tokens=(40, 51, 62, 73, 84)) -> SoftPrompt:
     """A soft prompt for ``model``: the embeddings of a few vocabulary tokens (a real prefix, so the
     detoxifier's distribution differs from the generator's)."""
     return SoftPrompt.from_embeddings(model, model.get_input_embeddings().weight[list(tokens)].detach().clone())
-
-
-def _prompts(seed: int = 0) -> list[list[int]]:
-    """Token-id prompts of very different lengths."""
-    rng = random.Random(seed)
-    base = [rng.randrange(4, 260) for _ in range(40)]
-    other = [rng.randrange(4, 260) for _ in range(20)]
-    return [base[:30] + [7, 8, 9], other[:5], base[:25] + other, [42], other[:12]]
-
-
-def _no_hooks(model) -> bool:
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in model.modules())
 
 
 class _Spy:

@@ -17,7 +17,8 @@ from editkit.decoding.fgdilp_prefixes import (ATTRIBUTES, NEGATIVE_INSTRUCTION, 
                                               choose_examples, diagnose, prefix_ids, prefixed)
 from editkit.generation.greedy_loop import greedy_decode
 from editkit.hooks import hook_count
-from editkit.models import tiny_model, tiny_tokenizer
+from editkit.models import tiny_tokenizer
+from helpers import peaked_model as _model
 
 NO_SPECIALS = [0, 1, 2, 3]
 TEXTS = ["Hi", "What is the weather like today in Paris, and should I take an umbrella?", "x", "Tell me a story."]
@@ -27,16 +28,6 @@ SMALL = dict(k=2, sample_tokens=4)  # self-generation kept tiny
 @functools.cache
 def _tok():
     return tiny_tokenizer()
-
-
-def _model(model_type: str = "llama", seed: int = 0, scale: float = 4.0):
-    """A tiny random model, scaled up so that attention is peaked and a misplaced vector shows."""
-    model = tiny_model(model_type, tie_word_embeddings=False, seed=seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.mul_(scale)
-    return model
 
 
 class _Spy:

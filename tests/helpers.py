@@ -1,0 +1,35 @@
+"""Small helpers several test modules share (import: ``from helpers import ...``; pytest puts this
+folder on the path)."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from editkit.models import tiny_model
+
+
+def peaked_model(model_type: str = "llama", seed: int = 0, scale: float = 4.0, **config: Any):
+    """A tiny random model, its matrices scaled up so that attention is peaked and a wrong position
+    or cache entry changes the tokens (a default random model barely looks past the last token)."""
+    model = tiny_model(model_type, tie_word_embeddings=False, seed=seed, **config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    return model
+
+
+def varied_prompts(seed: int = 0) -> list[list[int]]:
+    """Token-id prompts of very different lengths, two sharing a long prefix (reused in prefill)."""
+    rng = random.Random(seed)
+    base = [rng.randrange(4, 260) for _ in range(60)]
+    other = [rng.randrange(4, 260) for _ in range(30)]
+    return [base[:50] + [7, 8, 9], other[:5], base[:40] + other, [42], other[:20]]
+
+
+def no_hooks(model) -> bool:
+    """No forward or backward hook on any module of ``model``."""
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in model.modules())
