@@ -161,6 +161,16 @@ def mlp_out_name(model: nn.Module, arch: ArchMap, layer: int) -> str:
     return f"{arch.layers}.{check_layer(model, arch, layer)}.{arch.mlp_out}.weight"
 
 
+def embedding_name(model: nn.Module) -> str:
+    """The parameter name of ``model``'s input embedding weight (what artifacts tied to a base
+    model, such as probes and soft prompts, fingerprint)."""
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param is weight:
+            return name
+    raise ValueError(f"{type(model).__name__}: its input embedding weight is not among its parameters")
+
+
 def lm_head(model: nn.Module, arch: ArchMap) -> nn.Module:
     head = model.get_output_embeddings()
     return head if head is not None else get_module(model, arch.lm_head)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from editkit.arch import embedding_name
 from editkit.decoding.nucleus import nucleus_mask
 from editkit.devices import real_values
 from editkit.generation.detoxifier import Detoxifier, FollowingRun
@@ -42,15 +43,6 @@ _IDENTITY_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n
 
 class SoftPromptError(ValueError):
     """A soft-prompt file that cannot be read, or a soft prompt used with a model it was not trained for."""
-
-
-def embedding_name(model: nn.Module) -> str:
-    """The parameter name of ``model``'s input embedding weight."""
-    weight = model.get_input_embeddings().weight
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param is weight:
-            return name
-    raise ValueError(f"{type(model).__name__}: its input embedding weight is not among its parameters")
 
 
 # -- the artifact --------------------------------------------------------------------------------

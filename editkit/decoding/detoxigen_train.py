@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from editkit.decoding.detoxigen import SoftPrompt, embedding_name
+from editkit.arch import embedding_name
+from editkit.decoding.detoxigen import SoftPrompt
 from editkit.methods.model_state import global_rng_kept, preserved
 from editkit.patch import atomic_write_dir, model_info
 from editkit.text import _ids, pad_id, pad_right

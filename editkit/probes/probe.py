@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from editkit.arch import ArchMap, check_layer, mlp_out_name, resolve_arch
+from editkit.arch import ArchMap, check_layer, embedding_name, mlp_out_name, resolve_arch
 from editkit.devices import real_values
 from editkit.instance import load_instances
 from editkit.patch import atomic_write_dir, fingerprint, fingerprint_matches, model_info
@@ -199,14 +199,6 @@ def accuracy_by_source(labels: Sequence[int], probs: Sequence[float] | np.ndarra
 
 
 # -- the probe -----------------------------------------------------------------------------------
-def _embedding_name(model: nn.Module) -> str:
-    weight = model.get_input_embeddings().weight
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if param is weight:
-            return name
-    raise ValueError(f"{type(model).__name__}: its input embedding weight is not among its parameters")
-
-
 @dataclass
 class ToxicityProbe:
     """A linear toxicity classifier on the mean-pooled output of decoder layer ``layer``:
@@ -238,7 +230,7 @@ class ToxicityProbe:
         model's fingerprints so the probe refuses other models."""
         arch = resolve_arch(model, arch)
         layer = check_layer(model, arch, layer)
-        embedding = _embedding_name(model)
+        embedding = embedding_name(model)
         if weight.shape[-1:] != real_values(model, embedding).shape[-1:]:
             raise ProbeError(f"probe weight has {weight.shape[-1]} entries; the model's residual stream has "
                              f"{real_values(model, embedding).shape[-1]}")
