@@ -114,6 +114,29 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     return info
 
 
+# model_info keys that must agree between a model and an artifact made for it (probe, soft prompt)
+IDENTITY_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
+
+
+def base_mismatch(model: nn.Module, recorded_info: Mapping[str, Any],
+                  base_fingerprint: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Why ``model`` is not the model an artifact recorded (its ``model_info`` and the fingerprints
+    of some of its weights), or None when it is: the wording is the caller's to complete."""
+    from editkit.devices import real_values
+
+    info = model_info(model)
+    for key in IDENTITY_KEYS:
+        if key in recorded_info and key in info and recorded_info[key] != info[key]:
+            return f"a model with {key}={recorded_info[key]!r} (this model: {info[key]!r})"
+    params = _parameters(model)
+    for name, recorded in base_fingerprint.items():
+        if name not in params:
+            return f"a model with a parameter {name!r}, which this model lacks"
+        if not fingerprint_matches(real_values(model, name), recorded):
+            return f"a model with other weights ({name} differs)"
+    return None
+
+
 def _parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return dict(model.named_parameters(remove_duplicate=False))
 

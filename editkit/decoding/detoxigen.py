@@ -31,14 +31,13 @@ from editkit.decoding.nucleus import nucleus_mask
 from editkit.devices import real_values
 from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import PaddedBatch
-from editkit.patch import atomic_write_dir, fingerprint, fingerprint_matches, model_info
+from editkit.patch import atomic_write_dir, base_mismatch, fingerprint, model_info
 
 FORMAT = "editkit-soft-prompt"
 FORMAT_VERSION = 1
 WEIGHT_FILE = "soft_prompt.safetensors"
 META_FILE = "soft_prompt.json"
 # architecture facts a soft prompt must agree on (besides the input embedding's fingerprint)
-_IDENTITY_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
 
 
 class SoftPromptError(ValueError):
@@ -94,18 +93,10 @@ class SoftPrompt:
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`SoftPromptError` unless ``model`` is the model this soft prompt was trained for
         (same architecture, same input embedding; an edit of its decoder layers is accepted)."""
-        info = model_info(model)
-        for key in _IDENTITY_KEYS:
-            if key in self.model and key in info and self.model[key] != info[key]:
-                raise SoftPromptError(f"this soft prompt was trained for a model with {key}={self.model[key]!r}; "
-                                      f"this model has {info[key]!r} ({self._trained_for()})")
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name, recorded in self.base_fingerprint.items():
-            if name not in params:
-                raise SoftPromptError(f"model has no parameter {name!r}; this soft prompt is for {self._trained_for()}")
-            if not fingerprint_matches(real_values(model, name), recorded):
-                raise SoftPromptError(f"{name}: the model's weights differ from those this soft prompt was trained "
-                                      f"for ({self._trained_for()}); train a soft prompt for this model")
+        problem = base_mismatch(model, self.model, self.base_fingerprint)
+        if problem is not None:
+            raise SoftPromptError(f"the model's weights differ from those this soft prompt was trained for "
+                                  f"({self._trained_for()}), which was {problem}; train a soft prompt for this model")
         width = model.get_input_embeddings().weight.shape[1]
         if width != self.d_model:
             raise SoftPromptError(f"soft prompt of width {self.d_model}; the model's embeddings have {width}")

@@ -33,7 +33,7 @@ from torch import nn
 from editkit.arch import ArchMap, check_layer, embedding_name, mlp_out_name, resolve_arch
 from editkit.devices import real_values
 from editkit.instance import load_instances
-from editkit.patch import atomic_write_dir, fingerprint, fingerprint_matches, model_info
+from editkit.patch import atomic_write_dir, base_mismatch, fingerprint, fingerprint_matches, model_info
 from editkit.probes.states import pooled
 from editkit.text import ChatMode
 
@@ -46,7 +46,6 @@ META_FILE = "probe.json"
 TOXIGEN_FILE = "toxigen/toxigen_demonstrations.jsonl"
 SAFEEDIT_FILE = "safeedit/safeedit_dev.json"
 _TOXIGEN_LABELS = {"hate": 1, "neutral": 0}
-_IDENTITY_KEYS = ("model_type", "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "vocab_size")
 
 
 class ProbeError(ValueError):
@@ -253,21 +252,14 @@ class ToxicityProbe:
     def check_model(self, model: nn.Module, arch: ArchMap | Mapping[str, Any] | None = None) -> None:
         """Raise :class:`ProbeError` unless ``model`` is (an edited copy of) the model this probe was
         trained on: same architecture and the same input embedding."""
-        info = model_info(model)
-        for key in _IDENTITY_KEYS:
-            if key in self.model and key in info and self.model[key] != info[key]:
-                raise ProbeError(f"this probe was trained on a model with {key}={self.model[key]!r}; "
-                                 f"this model has {info[key]!r} ({self._trained_on()})")
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name, recorded in self.base_fingerprint.items():
-            if name not in params:
-                raise ProbeError(f"model has no parameter {name!r}; this probe is for {self._trained_on()}")
-            if not fingerprint_matches(real_values(model, name), recorded):
-                raise ProbeError(f"{name}: the model's weights differ from those this probe was trained on "
-                                 f"({self._trained_on()}); train a probe for this model")
+        problem = base_mismatch(model, self.model, self.base_fingerprint)
+        if problem is not None:
+            raise ProbeError(f"the model's weights differ from those this probe was trained on "
+                             f"({self._trained_on()}), which was {problem}; train a probe for this model")
         arch = resolve_arch(model, arch)
         if self.layer >= len(model.get_submodule(arch.layers)):
             raise ProbeError(f"probe layer {self.layer} is out of range for this model")
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name, recorded in self.layer_fingerprint.items():
             if name in params and not fingerprint_matches(real_values(model, name), recorded):
                 log.info("%s differs from the weight the probe was trained with (an edit is applied)", name)
