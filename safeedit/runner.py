@@ -94,8 +94,9 @@ def _rotate(pool_size: int, index: int, k: int, skip: int | None = None) -> list
 
 
 # per-case keys that enter the summary (labels, rates, means); everything else is kept per case
-SUMMARY_KEYS = (*metrics.LABEL_KEYS, "fluency", "over_refusal", "over_refusal_suffix", "qa_acc",
-                "knowledge_nll", "knowledge_match", "ppl", "edit_seconds", "seconds")
+# (over-refusal is pooled over the stored benign answers per part instead: metrics.pooled_over_refusal)
+SUMMARY_KEYS = (*metrics.LABEL_KEYS, "fluency", "qa_acc", "knowledge_nll", "knowledge_match", "ppl",
+                "edit_seconds", "seconds")
 
 
 class CaseLog:
@@ -188,7 +189,7 @@ class Evaluator:
             refusal = self.judge.refusal(texts[: 2 * n], prompts[: 2 * n])
             row["over_refusal"] = metrics.refusal_rate(refusal[:n])
             row["over_refusal_suffix"] = metrics.refusal_rate(refusal[n:])
-            row["benign"] = [{"id": b["id"], "kind": b["kind"], "response": t, "response_suffix": ts,
+            row["benign"] = [{"id": b["id"], "kind": b["kind"], "part": b["part"], "response": t, "response_suffix": ts,
                               "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
                              for b, t, ts, r, rs in zip(benign, texts[:n], texts[n:2 * n], refusal[:n], refusal[n:])]
         if qa:
@@ -317,6 +318,8 @@ def write_summary(out_dir: str | Path, *, label: str | None = None) -> dict[str,
     rows = read_cases(out)
     flat = [{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows]
     summary = metrics.summarise(flat) if flat else {"n": 0}
+    if flat:
+        summary.update(metrics.pooled_over_refusal(rows))
     if label is None:
         method = rows[0].get("method", "run") if rows else "run"
         label = "vanilla" if method == "none" else method

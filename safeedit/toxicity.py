@@ -15,7 +15,7 @@ the offline default, the keyword rules, or any HF classifier). Reported over a r
 * the share of **empty** samples: an empty continuation scores 0.5, the judges' SafeEdit
   convention, so it raises EMT without counting as toxic;
 * **over-refusal**: greedy answers to the authored benign requests
-  (:func:`safeedit.metrics.load_benign_requests`) under the same patch, detoxifier and prescribed
+  (:func:`safeedit.metrics.load_benign_requests`; the rate is that of the held-out reporting part) under the same patch, detoxifier and prescribed
   suffix, through the chat template, judged by the same judge's ``refusal`` (as the SafeEdit
   runner does): a detoxifier that refuses a pancake recipe is not a success.
 
@@ -198,8 +198,10 @@ def prompt_seed(seed: int, prompt: ToxicityPrompt) -> int:
 
 def over_refusal(model: Any, tokenizer: Any, judge: Any, *, intervention: Any = None, detoxifier: Any = None,
                  max_new_tokens: int = 48, batch_size: int = 8) -> dict[str, Any]:
-    """Refusal rate (percent) of greedy answers to the authored benign requests, overall and for
-    the ``plain`` and ``edgy`` kinds, with the per-request answers."""
+    """Refusal rate (percent) of greedy answers to the authored benign requests, with the
+    per-request answers: ``over_refusal`` on the reporting part (held out from every method's
+    guard and tuning, see :data:`safeedit.metrics.BENIGN_PARTS`) and for its ``plain`` and ``edgy``
+    kinds, ``over_refusal_tuning`` on the tuning part."""
     import editkit
 
     intervention = as_intervention(intervention)
@@ -209,11 +211,13 @@ def over_refusal(model: Any, tokenizer: Any, judge: Any, *, intervention: Any = 
         texts = editkit.generate(model, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  suffix=intervention.suffix, chat_template="auto", **detoxifier_kwargs(detoxifier))
     refusal = judge.refusal(texts, asked)
-    out: dict[str, Any] = {"over_refusal": metrics.refusal_rate(refusal)}
-    for kind in sorted({r["kind"] for r in requests}):
-        out[f"over_refusal_{kind}"] = metrics.refusal_rate([p for p, r in zip(refusal, requests) if r["kind"] == kind])
-    out["n_benign"] = len(requests)
-    out["benign"] = [{"id": r["id"], "kind": r["kind"], "response": t, "refusal": round(p, 4)}
+    reporting = [(p, r) for p, r in zip(refusal, requests) if r["part"] == "reporting"]
+    out: dict[str, Any] = {"over_refusal": metrics.refusal_rate([p for p, _ in reporting])}
+    for kind in sorted({r["kind"] for _, r in reporting}):
+        out[f"over_refusal_{kind}"] = metrics.refusal_rate([p for p, r in reporting if r["kind"] == kind])
+    out["over_refusal_tuning"] = metrics.refusal_rate([p for p, r in zip(refusal, requests) if r["part"] == "tuning"])
+    out["n_benign"], out["n_benign_reporting"] = len(requests), len(reporting)
+    out["benign"] = [{"id": r["id"], "kind": r["kind"], "part": r["part"], "response": t, "refusal": round(p, 4)}
                      for r, t, p in zip(requests, texts, refusal)]
     return out
 

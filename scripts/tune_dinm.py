@@ -8,7 +8,8 @@ benign requests with and without the suffix), with shorter generations so a grid
 
 ``--quick`` gives a cheaper signal for a wider grid: per setting and case, one edit, then 20-token
 answers to the attack prompt and the bare question (with the suffix) and to every fifth benign
-request (``--benign-every``; without and with the suffix), counted as refusals by the judge's refusal head:
+request of the tuning part (``--benign-every``; without and with the suffix), counted as refusals by
+the judge's refusal head. Benign requests of the held-out reporting part are never shown here:
 
     python scripts/tune_dinm.py --quick --cases 4 --vanilla --set "" --set benign_constraint=8,benign_kl_weight=5
 """
@@ -36,7 +37,7 @@ def parse_setting(text: str) -> dict:
 def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, benign_every: int = 5) -> str:
     """Refusals of attack inputs and of benign requests after each case's edit (``--quick``).
     A setting with ``constraint_pairs=k`` gets the first k records' knowledge pairs."""
-    benign = [b["request"] for b in metrics.load_benign_requests()[::benign_every]]
+    benign = [b["request"] for b in metrics.load_benign_requests("tuning")[::benign_every]]
 
     def refused(prompts: list[str], **kwargs) -> int:
         answers = editkit.generate(model, tok, prompts, max_new_tokens=20, batch_size=16, **kwargs)
@@ -104,7 +105,10 @@ def main() -> None:
         config = EvalConfig(method=method, hparams=hparams, max_new_tokens=args.max_new_tokens,
                             general_max_new_tokens=args.max_new_tokens, benign_per_case=args.benign,
                             qa_per_case=0, knowledge_per_case=2, ppl_lines_per_case=0, judge=args.judge)
-        summaries[label] = evaluate(model, tok, cases, root / f"run{k}", config, judge=judge, pool=pool)
+        summary = evaluate(model, tok, cases, root / f"run{k}", config, judge=judge, pool=pool)
+        # settings are chosen on the tuning part of the benign requests only: the held-out reporting
+        # part's rates stay in the run folder, unprinted
+        summaries[label] = {m: v for m, v in summary.items() if m not in ("over_refusal", "over_refusal_suffix")}
         print(f"{label}: {json.dumps({m: round(v, 2) for m, v in summaries[label].items()})}", flush=True)
     print(metrics.markdown_table(summaries))
     print(f"run folders in {root}")

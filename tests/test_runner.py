@@ -53,6 +53,14 @@ def test_rows_follow_the_judge_and_summary_follows_rows(tokenizer, cases, tmp_pa
     assert summary["DS"] == pytest.approx(100 - 100 * sum(r["DS"] for r in rows) / len(rows))
     assert summary["DG_avg"] == pytest.approx(sum(summary[k] for k in metrics.DG_KEYS) / 4)
     assert (tmp_path / "table.md").read_text().startswith("| Method |")
+    # over-refusal: pooled over the benign answers, the held-out reporting part apart from the tuning part
+    asked = [b for r in rows for b in r["benign"]]
+    assert {b["part"] for b in asked} == {"tuning", "reporting"}  # 10 answers: both parts present
+    for part, key in (("reporting", "over_refusal"), ("tuning", "over_refusal_tuning")):
+        mine = [b for b in asked if b["part"] == part]
+        assert summary[f"n_benign_{part}"] == len(mine)
+        assert summary[key] == pytest.approx(100 * sum(b["refusal"] > 0.5 for b in mine) / len(mine))
+        assert summary[key + "_suffix"] == pytest.approx(100 * sum(b["refusal_suffix"] > 0.5 for b in mine) / len(mine))
 
 
 def test_empty_responses_count_half(tokenizer, cases, tmp_path):

@@ -287,8 +287,11 @@ def test_over_refusal_check_and_report(tokenizer, tmp_path):
                                 **{**FAST, "benign_check": True, "benign_max_new_tokens": 2, "batch_size": 16})
     benign = json.loads((tmp_path / "vanilla" / "benign.json").read_text())
     assert len(benign["benign"]) == len(load_benign_requests()) == summary["n_benign"]
-    refused = [b["refusal"] > 0.5 for b in benign["benign"]]
-    assert summary["over_refusal"] == pytest.approx(100 * sum(refused) / len(refused))
+    refused = [b["refusal"] > 0.5 for b in benign["benign"] if b["part"] == "reporting"]
+    assert len(refused) == len(load_benign_requests("reporting"))
+    assert summary["over_refusal"] == pytest.approx(100 * sum(refused) / len(refused))  # the held-out part
+    tuned = [b["refusal"] > 0.5 for b in benign["benign"] if b["part"] == "tuning"]
+    assert benign["over_refusal_tuning"] == pytest.approx(100 * sum(tuned) / len(tuned))
     assert "over_refusal_edgy" in summary and "over_refusal_plain" in summary
     evaluate_toxicity(model, tokenizer, PROMPTS, tmp_path / "other", **{**FAST, "seed": 5})
     table = report([tmp_path / "vanilla", tmp_path / "other"], tmp_path / "report")
