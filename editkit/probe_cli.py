@@ -34,8 +34,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        "projections (JSON, PNG, markdown)")
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a folder, .gguf or hub name")
     p.add_argument("--device", default=None)
-    p.add_argument("--compare", action="append", help="comma-separated method names and/or saved patch folders "
-                   f"(repeatable; default {PAPER_COMPARISON})")
+    p.add_argument("--compare", action="append", help="comma-separated method names and/or saved patch folders, "
+                   f"a folder optionally as LABEL=FOLDER (repeatable; default {PAPER_COMPARISON})")
     p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file (default: the shared dev records)")
     p.add_argument("--records", type=int, default=3, help="measure on the first N records of --data")
     p.add_argument("--ids", default=None, help="comma-separated record ids to measure on (instead of --records)")
@@ -91,10 +91,17 @@ def parse_items(specs: Sequence[str]) -> list[Item]:
     for token in (t.strip() for spec in specs for t in spec.split(",")):
         if not token:
             continue
-        path = Path(token)
+        label, sep, where = token.partition("=")  # LABEL=FOLDER names a saved patch
+        path = Path(where.strip() if sep else token)
+        if sep and not (label.strip() and where.strip()):
+            raise ValueError(f"--compare {token!r}: expected LABEL=PATCH_FOLDER")
         if (path / META_FILE).is_file():
             patch = load_patch(path)
-            item = Item(f"patch:{path.resolve().name}", "patch", patch.method, str(path), patch=patch)
+            item = Item(label.strip() if sep else f"patch:{path.resolve().name}", "patch", patch.method, str(path),
+                        patch=patch)
+        elif sep:
+            raise ValueError(f"--compare {token!r}: {path} is not a saved patch folder (needs {META_FILE} and "
+                             f"{DELTA_FILE})")
         else:
             try:
                 spec = get_method(token)
@@ -393,7 +400,11 @@ def write_results(out: Path, meta: dict[str, Any], methods: dict[str, Any], runs
 
 
 # -- the command ---------------------------------------------------------------------------------
-def _probe(args: argparse.Namespace, model: Any, tok: Any, out: Path, progress: bool) -> tuple[Any, dict[str, Any]]:
+def _probe(args: argparse.Namespace, model: Any, tok: Any, out: Path, progress: bool,
+           measured: Sequence[Any] = ()) -> tuple[Any, dict[str, Any]]:
+    """The toxicity probe: loaded (``--probe``), or trained here on the shared data without the
+    SafeEdit generations of the ``measured`` records, so no measured record's text shapes the
+    direction it is measured against."""
     from safeedit.dataset import shared_data_dir
 
     if args.probe:
@@ -405,12 +416,15 @@ def _probe(args: argparse.Namespace, model: Any, tok: Any, out: Path, progress: 
         data = Path(args.probe_data) if args.probe_data else shared_data_dir()
         sources = [s.strip() for s in args.probe_sources.split(",") if s.strip()]
         texts = probes.load_probe_texts(data, sources)
+        left_out = {f"safeedit:{r.id}" for r in measured}
+        n_all = len(texts)
+        texts = [t for t in texts if t.group not in left_out]
         probe = probes.train_probe(model, tok, texts, layer=-1 if args.probe_layer is None else args.probe_layer,
                                    held_fraction=args.probe_held, seed=args.seed, batch_size=args.batch_size,
                                    max_length=args.max_length, progress=progress)
         probe.save(out / "probe", overwrite=True)
         info = {"path": str(out / "probe"), "trained_here": True, "data": str(data), "sources": sources,
-                "n_texts": len(texts)}
+                "n_texts": len(texts), "left_out_measured_texts": n_all - len(texts)}
     return probe, {**info, "layer": probe.layer, "held_accuracy": probe.metrics.get("held"),
                    "train_accuracy": probe.metrics.get("train")}
 
@@ -445,7 +459,7 @@ def run_probe(args: argparse.Namespace) -> int:
     located = Counter(f.layer for f in found).most_common(1)[0][0]
     _atomic(out / "layer_profile.png", lambda p: found[0].plot(p, title=f"safe vs unsafe, record {measured[0].id}"))
     print(f"toxic layer (located): {located}; {'loading' if args.probe else 'training'} the toxicity probe", flush=True)
-    probe, probe_info = _probe(args, model, tok, out, progress)
+    probe, probe_info = _probe(args, model, tok, out, progress, measured)
     dg = args.shift_inputs == "all"
     prompts = list(dict.fromkeys(p for r in measured for p in [r.prompt, *(r.generalization.values() if dg else ())]))
     probing = Probing(model, tok, probe, prompts=prompts, safe=[r.safe for r in shown],

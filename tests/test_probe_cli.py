@@ -51,6 +51,8 @@ def setup(tmp_path, monkeypatch):
     lines = [{"text": f"those people are vermin number {i}", "label": "hate"} for i in range(6)]
     lines += [{"text": f"the weather is mild on day {i}", "label": "neutral"} for i in range(6)]
     (texts / "toxigen" / "toxigen_demonstrations.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    (texts / "safeedit").mkdir()
+    (texts / "safeedit" / "safeedit_dev.json").write_text(data.read_text())
     (tmp_path / "layer.yaml").write_text(LAYER_EDIT)
     (tmp_path / "sft.yaml").write_text(SFT)
     model = tiny_model("llama")
@@ -70,7 +72,7 @@ def test_probe_command_end_to_end(setup, capsys):
     args = ["probe", "--model", "tiny", "--data", str(setup / "records.json"), "--records", "2",
             "--compare", f"dinm,ft-l,sft,{tmp / 'handmade'}", "--hparams",
             f"dinm={tmp / 'layer.yaml'},ft-l={tmp / 'layer.yaml'},sft={tmp / 'sft.yaml'}",
-            "--probe-data", str(tmp / "probe-data"), "--probe-sources", "toxigen", "--probe-held", "0.34",
+            "--probe-data", str(tmp / "probe-data"), "--probe-sources", "toxigen,safeedit", "--probe-held", "0.34",
             "--projection-records", "4", "--with-safeedit", str(tmp / "runs" / "dinm"), "--no-progress",
             "--max-length", "64", "--out", str(out)]
     assert main(args) == 0
@@ -83,6 +85,8 @@ def test_probe_command_end_to_end(setup, capsys):
     methods = results["methods"]
     assert list(methods) == labels
     assert results["measured_records"] == ["1", "2"] and results["probe"]["held_accuracy"]["all"]["n"] > 0
+    # the measured records' own SafeEdit generations stay out of the probe's texts (2 records x safe/unsafe)
+    assert results["probe"]["left_out_measured_texts"] == 4 and results["probe"]["n_texts"] == 12 + 4
     for label, entry in methods.items():
         for key in ("region_toxicity_before", "region_toxicity_after", "reduction_rate", "activation_shift_rate",
                     "separation_before", "separation_after"):
@@ -117,12 +121,12 @@ def test_probe_command_end_to_end(setup, capsys):
     # ... and written into with --overwrite; here with a saved probe (--probe) and only the saved patch
     probe = ToxicityProbe.from_weight(tiny_model("llama"), torch.ones(32), layer=2)
     probe.save(tmp / "probe")
-    again = ["probe", "--data", str(setup / "records.json"), "--records", "1", "--compare", str(tmp / "handmade"),
+    again = ["probe", "--data", str(setup / "records.json"), "--records", "1", "--compare", f"mine={tmp / 'handmade'}",
              "--probe", str(tmp / "probe"), "--projection-records", "2", "--no-progress", "--max-length", "64",
              "--out", str(out), "--overwrite"]
     assert main(again) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["patch:handmade"] and results["probe"]["layer"] == 2
+    assert list(results["methods"]) == ["mine"] and results["probe"]["layer"] == 2  # LABEL=FOLDER names it
     assert results["probe"]["trained_here"] is False
 
 
@@ -130,6 +134,8 @@ def test_probe_command_end_to_end(setup, capsys):
     (["--compare", "dinm,nosuch"], "'nosuch': neither a registered editing method"),
     (["--compare", "dinm", "--hparams", "sft=smollm2-135m"], "which --compare does not run"),
     (["--compare", "./missing-folder"], "not a saved patch folder"),
+    (["--compare", "sft=./missing-folder"], "is not a saved patch folder"),
+    (["--compare", "=./missing-folder"], "expected LABEL=PATCH_FOLDER"),
 ])
 def test_bad_arguments_are_refused_clearly(setup, capsys, extra, message):
     code = main(["probe", "--data", str(setup / "records.json"), "--out", str(setup / "bad"), *extra])
