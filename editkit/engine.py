@@ -2,7 +2,10 @@
 the model's weights.
 
 The delta enters through a forward hook (``out + x·Δᵀ``), so the model is never half-edited: when
-the context exits, for whatever reason, the hook is gone and the weights are as they were.
+the context exits, for whatever reason, the hook is gone and the weights are as they were. With a
+``projector`` P (symmetric, over the projection's input space) the delta acts as Δ·P (``P·Δ`` for a
+transposed layout): the gradient flows through the projection, and :meth:`DeltaEditor.effective_delta`
+is what a patch must carry.
 
 The model's own parameters are frozen (``requires_grad=False``) while the editor is open and their
 flags restored on exit: only the delta is trained, and a model whose weights require grad makes
@@ -60,6 +63,7 @@ class DeltaEditor:
 
     ``initial_logits[name]``: logits of the unedited model at the batch's predicting positions.
     ``logits(name)``: the same positions under the current delta, with gradient.
+    ``projector``: [d_in, d_in] symmetric projector the delta is composed with (see the module docstring).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class DeltaEditor:
         batches: Mapping[str, TokenBatch],
         *,
         fast_path: bool = True,
+        projector: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -81,15 +86,30 @@ class DeltaEditor:
         self.batches = {k: b.to(self.device) for k, b in batches.items()}
         self.fast_path = fast_path and arch.fast_path
         self.delta = nn.Parameter(torch.zeros(self.module.weight.shape, dtype=torch.float32, device=self.device))
+        self.projector = None
+        if projector is not None:
+            d_in = self.delta.shape[0] if arch.mlp_out_transposed else self.delta.shape[1]
+            if tuple(projector.shape) != (d_in, d_in):
+                raise ValueError(f"projector has shape {tuple(projector.shape)}; the input space of "
+                                 f"{self.param_name} needs ({d_in}, {d_in})")
+            self.projector = projector.detach().to(self.device, torch.float32)
         self.initial_logits: dict[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}
         self._stack = ExitStack()
         self._current: str | None = None
 
+    def effective_delta(self) -> torch.Tensor:
+        """The change to the weight the current delta makes (with gradient): ``delta`` itself, or
+        composed with the projector on the input side (Δ·P for [out, in], P·Δ for [in, out])."""
+        if self.projector is None:
+            return self.delta
+        return self.projector @ self.delta if self.arch.mlp_out_transposed else self.delta @ self.projector
+
     # -- hooks -----------------------------------------------------------------------------------
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # [batch, seq, d_in] input of the projection
-        return output + linear_delta(x.float(), self.delta, self.arch.mlp_out_transposed).to(output.dtype)
+        delta = self.effective_delta()
+        return output + linear_delta(x.float(), delta, self.arch.mlp_out_transposed).to(output.dtype)
 
     def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
         return _replace_first_arg(args, kwargs, self._cache[self._current])

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editkit.arch import ArchMap, check_layer
+from editkit.devices import real_values
 from editkit.engine import DeltaEditor
 from editkit.hparams import HParams, hp
 from editkit.instance import EditInstance
@@ -33,6 +34,8 @@ class LayerEditConfig(HParams):
     early_stop_loss: float = hp(1e-4, "stop when the total loss falls below this")
     weight_decay: float = hp(0.0, "Adam weight decay on the delta")
     norm_constraint: float | None = hp(None, "clamp every delta entry to [-c, c] after each step (off when null)")
+    max_delta_ratio: float | None = hp(None, "after each step, scale the delta down to ratio × ‖W‖_F (Frobenius) when "
+                                       "it is larger, W the edited weight (off when null)")
     chat_template: Literal["auto", "none"] = hp("auto", "render prompts with the tokenizer's chat template if it has one")
     max_length: int = hp(2048, "token budget of one prompt+answer sequence")
     layer: int | None = hp(None, "edit this layer instead of locating one (negative counts from the top)")
@@ -47,6 +50,8 @@ class LayerEditConfig(HParams):
         self._check(self.early_stop_loss >= 0, "early_stop_loss must be >= 0")
         self._check(self.weight_decay >= 0, "weight_decay must be >= 0")
         self._check(self.norm_constraint is None or self.norm_constraint > 0, "norm_constraint must be > 0 or null")
+        self._check(self.max_delta_ratio is None or self.max_delta_ratio > 0,
+                    f"max_delta_ratio must be > 0 or null, got {self.max_delta_ratio}")
         self._check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
 
 
@@ -85,14 +90,24 @@ def optimize_delta(
     steps: int,
     weight_decay: float = 0.0,
     norm_constraint: float | None = None,
+    max_delta_ratio: float | None = None,
+    weight_norm: float | None = None,
     early_stop_loss: float = 0.0,
     desc: str = "edit",
     progress: bool = False,
 ) -> list[dict[str, float]]:
     """Adam on ``editor.delta`` for at most ``steps`` steps; one record per step (the loss before
     that step's update). Stops early once the loss is below ``early_stop_loss``; clamps every entry
-    to ``[-norm_constraint, norm_constraint]`` after each update. A non-finite loss raises
-    FloatingPointError (the editor's context then leaves the model untouched)."""
+    to ``[-norm_constraint, norm_constraint]`` after each update, then, with ``max_delta_ratio``,
+    scales the delta down so that the change it makes (``editor.effective_delta()``) has a Frobenius
+    norm of at most ``max_delta_ratio · weight_norm`` (‖W‖_F of the edited weight; scaling down
+    keeps the clamp). A non-finite loss raises FloatingPointError (the editor's context then leaves
+    the model untouched)."""
+    max_norm = None
+    if max_delta_ratio is not None:
+        if weight_norm is None or not weight_norm > 0:
+            raise ValueError(f"{desc}: max_delta_ratio needs the edited weight's norm (> 0), got {weight_norm}")
+        max_norm = max_delta_ratio * weight_norm
     optimizer = torch.optim.Adam([editor.delta], lr=lr, weight_decay=weight_decay)
     losses: list[dict[str, float]] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
@@ -111,7 +126,17 @@ def optimize_delta(
         if norm_constraint is not None:
             with torch.no_grad():
                 editor.delta.clamp_(-norm_constraint, norm_constraint)
+        if max_norm is not None:
+            with torch.no_grad():
+                norm = float(editor.effective_delta().norm())
+                if norm > max_norm:  # the effective delta is linear in the delta: scaling one scales the other
+                    editor.delta.mul_(max_norm / norm)
     return losses
+
+
+def weight_norm(model: Any, param_name: str) -> float:
+    """‖W‖_F of parameter ``param_name`` in fp32 (read where it really is, also when offloaded)."""
+    return float(real_values(model, param_name).float().norm())
 
 
 def layer_result(

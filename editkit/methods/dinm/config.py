@@ -27,6 +27,22 @@ class DINMConfig(LayerEditConfig):
                                    "comply or refuse is decided (every answer position costs an LM-head pass per step)")
     suffix: str = hp(SUFFIX, "suffix system prompt appended to the attack and knowledge prompts")
     use_suffix: bool = hp(True, "append the suffix (the paper does)")
+    null_space: bool = hp(False, "AlphaEdit-style null-space constraint: the delta only acts on input directions the "
+                          "authored benign requests (all of constraint_requests.json, without and with the suffix) "
+                          "barely use, so the edited projection's output on those requests' keys stays ~unchanged; "
+                          "see editkit.methods.dinm.nullspace")
+    null_space_tol: float = hp(1e-2, "eigen-directions of the benign keys' K·Kᵀ with an eigenvalue below tol × the "
+                               "largest form the null space the delta may use (0 < tol < 1; larger keeps more room "
+                               "for the edit and guards the benign requests less)")
+    question_targets: int = hp(0, "extra edit targets: the bare harmful questions of the first k qualifying records of "
+                               "the caller's constraint_pool, each with its own safe response and the suffix; records "
+                               "without a question, the edited record, and records whose question is the edited one's "
+                               "or appears in its generalization inputs are skipped")
+    question_weight: float = hp(1.0, "weight of the question targets relative to c_edit: loss += c_edit × weight × "
+                                "token-mean NLL over the other records' questions (and the same for the own question)")
+    own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
+                                   "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
+                                   "on a test input, and results carry metrics['trains_on_test_inputs'] = ['DG_onlyQ']")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,6 +52,9 @@ class DINMConfig(LayerEditConfig):
         self._check(self.benign_constraint >= 0, "benign_constraint must be >= 0")
         self._check(self.benign_kl_weight >= 0, "benign_kl_weight must be >= 0")
         self._check(self.benign_answer_tokens >= 1, "benign_answer_tokens must be >= 1")
+        self._check(0 < self.null_space_tol < 1, f"null_space_tol must be in (0, 1), got {self.null_space_tol}")
+        self._check(self.question_targets >= 0, f"question_targets must be >= 0, got {self.question_targets}")
+        self._check(self.question_weight >= 0, f"question_weight must be >= 0, got {self.question_weight}")
 
     @property
     def active_suffix(self) -> str | None:

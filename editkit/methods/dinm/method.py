@@ -1,6 +1,9 @@
 """DINM edit: locate, then train a delta on the located layer's MLP output projection with
 loss = c_edit · NLL(safe | attack ⊕ suffix) + kl_weight · KL(p_before ‖ p_now) on benign answers
-[+ benign_kl_weight · KL on benign requests answered by the unedited model, see ``constraints``].
+[+ benign_kl_weight · KL on benign requests answered by the unedited model, see ``constraints``]
+[+ c_edit · question_weight · NLL(safe | bare harmful question ⊕ suffix) for other records' questions
+and, when asked, the edited record's own], optionally with the delta confined to the null space of
+benign keys (``nullspace``) and its norm bounded relative to the weight's.
 
 Unlike the reference implementation, the KL term carries gradient, the located layer lives in the
 result (never in the shared hparams), pads are masked during localisation, and the model is
@@ -16,13 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from editkit.arch import ArchMap, resolve_arch
+from editkit.arch import ArchMap, mlp_out_name, resolve_arch
+from editkit.devices import real_values
 from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
+from editkit.methods.dinm import nullspace
 from editkit.methods.dinm.config import DINMConfig
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
-from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta
+from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
 from editkit.result import EditResult
 from editkit.text import encode_pairs, with_suffix
 
@@ -36,6 +41,36 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _kl(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(p_before ‖ p_now)."""
     return F.kl_div(F.log_softmax(logits, -1), reference_logprobs, log_target=True, reduction="batchmean")
+
+
+def _part(batch: str) -> str:
+    """The name a question batch's NLL goes by in the step records and metrics."""
+    return {"questions": "question_nll", "own_question": "own_question_nll"}[batch]
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def question_records(instance: EditInstance, pool: Sequence[EditInstance], k: int) -> list[EditInstance]:
+    """The first ``k`` records of ``pool`` whose bare question may serve as an extra edit target.
+
+    Skipped: records without a question, the edited record (same id), and records whose question is
+    the edited record's own or appears in one of its generalization inputs: on SafeEdit several
+    records share a question (their bare question is the edited record's DG_onlyQ test input), and
+    other records' questions recur inside DG_otherQ / DG_otherAQ inputs.
+    """
+    own = _normal(instance.question) if instance.question.strip() else None
+    tests = [_normal(text) for text in instance.generalization.values()]
+    chosen: list[EditInstance] = []
+    for other in pool:
+        if len(chosen) == k:
+            break
+        question = _normal(other.question)
+        if not question or other.id == instance.id or question == own or any(question in t for t in tests):
+            continue
+        chosen.append(other)
+    return chosen
 
 
 class DINM(EditingMethod):
@@ -61,7 +96,8 @@ class DINM(EditingMethod):
         to the KL constraint beside the instance's own knowledge pair (default: the knowledge pairs
         of the first ``hparams.constraint_pairs`` records of ``constraint_pool``). ``benign_pairs``
         replaces the self-answered benign requests that ``benign_constraint`` asks for (prompts as
-        given, no suffix added)."""
+        given, no suffix added). ``hparams.question_targets`` takes bare questions from
+        ``constraint_pool`` too (see :func:`question_records`)."""
         hp = self.hparams
         if constraint_pairs is None:
             constraint_pairs = [(o.knowledge_prompt, o.knowledge_answer) for o in constraint_pool[:hp.constraint_pairs]]
@@ -85,30 +121,77 @@ class DINM(EditingMethod):
                                                chat_template=hp.chat_template)
         if benign_pairs:
             pairs["benign"] = list(benign_pairs)
+        extra: dict[str, Any] = {}  # metrics known before training
+        if hp.question_targets:
+            chosen = question_records(instance, constraint_pool, hp.question_targets)
+            if len(chosen) < hp.question_targets:
+                log.warning("hparams ask for %d question targets but constraint_pool offers %d usable records "
+                            "(with a question, other than the edited record and its test inputs)",
+                            hp.question_targets, len(chosen))
+            extra["question_pairs"] = len(chosen)
+            if chosen:
+                pairs["questions"] = [(with_suffix(o.question, suffix), o.safe) for o in chosen]
+        if hp.own_question_target:
+            if instance.question.strip():
+                log.warning("own_question_target: instance %s trains on its own bare question, which on SafeEdit "
+                            "is the DG_onlyQ test input; its DG_onlyQ score is not a generalisation score",
+                            instance.id)
+                pairs["own_question"] = [(with_suffix(instance.question, suffix), instance.safe)]
+                extra["trains_on_test_inputs"] = ["DG_onlyQ"]
+            else:
+                log.warning("own_question_target: instance %s has no question; no target added", instance.id)
         batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length)
                    for name, p in pairs.items()}
         weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
         timings["guard"] = time.perf_counter() - t_guard  # the unedited model's own answers, and encoding
+
+        projector = space = None
+        if hp.null_space:
+            t_null = time.perf_counter()
+            space, cached = nullspace.key_space(model, tokenizer, arch, layer, suffix=suffix,
+                                                chat_template=hp.chat_template, max_length=hp.max_length)
+            projector = space.projector(hp.null_space_tol)
+            null_dim = int(space.null_mask(hp.null_space_tol).sum())
+            extra.update(null_space_dim=null_dim, null_space_keys=space.n_keys)
+            timings["null_space"] = time.perf_counter() - t_null
+            log.info("null space of layer %d: %d of %d input directions at tol %g (%d keys%s)", layer, null_dim,
+                     projector.shape[0], hp.null_space_tol, space.n_keys, ", cached" if cached else "")
+            if null_dim == 0:
+                log.warning("null space of layer %d is empty at null_space_tol=%g: the edit cannot change anything",
+                            layer, hp.null_space_tol)
+        param = mlp_out_name(model, arch, layer)
+        w_norm = weight_norm(model, param) if hp.max_delta_ratio is not None else None
+        question_names = [name for name in ("questions", "own_question") if name in batches]
+
         t1 = time.perf_counter()
-        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
+        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector) as editor:
             edit_targets = editor.batches["edit"].targets()
             kl_targets = editor.batches["kl"].targets()
+            targets = {name: editor.batches[name].targets() for name in question_names}
             kl_names = [name for name in ("kl", "benign") if name in batches]
             reference = {name: F.log_softmax(editor.initial_logits[name], -1) for name in kl_names}
             metrics = {
                 "edit_nll_before": float(_nll(editor.initial_logits["edit"], edit_targets)),
                 "knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)),
+                **extra,
+                **{f"{_part(name)}_before": float(_nll(editor.initial_logits[name], targets[name]))
+                   for name in question_names},
             }
 
             def objective() -> tuple[torch.Tensor, dict[str, float]]:
                 nll = _nll(editor.logits("edit"), edit_targets)
                 kls = {name: _kl(reference[name], editor.logits(name)) for name in kl_names}
+                questions = {name: _nll(editor.logits(name), targets[name]) for name in question_names}
                 loss = hp.c_edit * nll + sum(weights[name] * kl for name, kl in kls.items())
+                if questions:
+                    loss = loss + hp.c_edit * hp.question_weight * sum(questions.values())
                 return loss, {"edit_nll": nll.item(),
-                              **{"kl" if name == "kl" else f"kl_{name}": kl.item() for name, kl in kls.items()}}
+                              **{"kl" if name == "kl" else f"kl_{name}": kl.item() for name, kl in kls.items()},
+                              **{_part(name): q.item() for name, q in questions.items()}}
 
             losses = optimize_delta(editor, objective, lr=hp.lr, steps=hp.steps, weight_decay=hp.weight_decay,
-                                    norm_constraint=hp.norm_constraint, early_stop_loss=hp.early_stop_loss,
+                                    norm_constraint=hp.norm_constraint, max_delta_ratio=hp.max_delta_ratio,
+                                    weight_norm=w_norm, early_stop_loss=hp.early_stop_loss,
                                     desc=f"DINM layer {layer}", progress=progress)
             with torch.no_grad():
                 kl_logits = editor.logits("kl")
@@ -121,8 +204,15 @@ class DINM(EditingMethod):
                 if "benign" in reference:
                     metrics.update(benign_pairs=len(pairs["benign"]),
                                    benign_kl_after=float(_kl(reference["benign"], editor.logits("benign"))))
-            delta = editor.delta.detach().clone()
+                for name in question_names:
+                    metrics[f"{_part(name)}_after"] = float(_nll(editor.logits(name), targets[name]))
+            delta = editor.effective_delta().detach().clone()
             param_name = editor.param_name
         timings["edit"] = time.perf_counter() - t1
+        if hp.max_delta_ratio is not None:
+            metrics["delta_ratio"] = float(delta.norm()) / w_norm
+        if space is not None:  # ‖ΔK‖/‖WK‖ on the guard prompts' keys: ~0 is the constraint held
+            metrics["null_space_key_change"] = space.output_change(delta, real_values(model, param_name),
+                                                                   arch.mlp_out_transposed)
         return layer_result(model, self.name, hp, param_name=param_name, delta=delta, layer=layer,
                             localization=found, losses=losses, metrics=metrics, timings=timings)

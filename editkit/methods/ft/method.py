@@ -14,12 +14,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from editkit.arch import ArchMap, resolve_arch
+from editkit.arch import ArchMap, mlp_out_name, resolve_arch
 from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
 from editkit.methods.ft.config import FTLConfig
-from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta
+from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
 from editkit.result import EditResult
 from editkit.text import encode_pairs
 
@@ -53,6 +53,7 @@ class FTL(EditingMethod):
             context=hp.locate_context, chat_template=hp.chat_template, max_length=hp.max_length)
         batches = {"edit": encode_pairs(tokenizer, [(instance.prompt, instance.safe)], chat_template=hp.chat_template,
                                         max_length=hp.max_length)}
+        w_norm = weight_norm(model, mlp_out_name(model, arch, layer)) if hp.max_delta_ratio is not None else None
         start = time.perf_counter()
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path) as editor:
             targets = editor.batches["edit"].targets()
@@ -63,7 +64,8 @@ class FTL(EditingMethod):
                 return nll, {"edit_nll": nll.item()}
 
             losses = optimize_delta(editor, objective, lr=hp.lr, steps=hp.steps, weight_decay=hp.weight_decay,
-                                    norm_constraint=hp.norm_constraint, early_stop_loss=hp.early_stop_loss,
+                                    norm_constraint=hp.norm_constraint, max_delta_ratio=hp.max_delta_ratio,
+                                    weight_norm=w_norm, early_stop_loss=hp.early_stop_loss,
                                     desc=f"FT-L layer {layer}", progress=progress)
             with torch.no_grad():
                 metrics.update(edit_nll_after=float(F.cross_entropy(editor.logits("edit"), targets)),

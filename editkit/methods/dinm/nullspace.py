@@ -1,0 +1,187 @@
+"""Null-space constraint for DINM (the AlphaEdit idea): the delta may only act on input directions
+that benign text barely uses.
+
+Keys K are the inputs of the edited layer's MLP output projection at every non-pad token of the
+authored benign requests (:func:`editkit.methods.dinm.constraints.constraint_requests`, all of
+them, without and with the suffix, rendered as the edit renders its prompts). The eigen-directions
+of G = K·Kᵀ/n whose eigenvalue is below ``tol`` × the largest span the null space, and
+P = U_null·U_nullᵀ projects onto it. A delta composed with P (Δ·P for an [out, in] weight, P·Δ for
+GPT-2's [in, out] Conv1D) changes the projection's output on a key k by at most
+‖Δ‖·‖P·k‖, which is small for every key, whatever the training does.
+
+The keys depend on the model's weights up to the edited layer, the layer, and the rendered token
+ids; their eigendecomposition is cached per model (weakly, so a model's entries go with it) under
+those, the weights identified by :func:`editkit.patch.fingerprint` samples (a dense change such as
+an applied patch shows in them; a change to a few entries may not: :func:`clear_cache`). A second
+edit of the same layer, with any ``tol``, costs a tokenisation and a fingerprint instead of a
+forward pass over ~90 prompts and an eigendecomposition; each tol's projector is kept too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.arch import ArchMap, decoder_layers, get_module
+from editkit.devices import execution_device, is_offloaded, real_values
+from editkit.hooks import Trace
+from editkit.methods.dinm.constraints import constraint_requests
+from editkit.patch import fingerprint
+from editkit.text import ChatMode, pad_id, pad_right, prompt_ids, with_suffix
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 16  # prompts per forward pass while collecting keys
+CACHE_PER_MODEL = 4  # key spaces kept per model (least recently used dropped first)
+
+# model -> {cache key: KeySpace}; weak, so that a model's entries are freed with the model
+_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, KeySpace]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """Eigendecomposition of the keys' second-moment matrix G = K·Kᵀ / n_keys (fp32)."""
+
+    eigenvalues: torch.Tensor  # [d_in] ascending, >= 0
+    eigenvectors: torch.Tensor  # [d_in, d_in] orthonormal columns
+    n_keys: int
+    _projectors: dict[float, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def null_mask(self, tol: float) -> torch.Tensor:
+        """[d_in] bool: the eigen-directions in the null space (eigenvalue below tol × the largest)."""
+        top = float(self.eigenvalues[-1])
+        if top <= 0:  # keys that are all zero constrain nothing
+            return torch.ones_like(self.eigenvalues, dtype=torch.bool)
+        return self.eigenvalues < tol * top
+
+    def projector(self, tol: float) -> torch.Tensor:
+        """[d_in, d_in] fp32 orthogonal projector onto the null space at ``tol`` (kept per tol)."""
+        if tol not in self._projectors:
+            basis = self.eigenvectors[:, self.null_mask(tol)]  # [d_in, r]
+            self._projectors[tol] = basis @ basis.T
+        return self._projectors[tol]
+
+    def output_change(self, delta: torch.Tensor, weight: torch.Tensor, transposed: bool) -> float:
+        """‖Δ-part of the projection's output on the keys‖_F / ‖its output on the keys‖_F, from G
+        alone: ‖Δ·K‖² = tr(Δ·G·Δᵀ) = ‖Δ·S‖² with G = S·Sᵀ ([in, out] layouts transposed)."""
+        root = self.eigenvectors * self.eigenvalues.clamp_min(0).sqrt()  # [d_in, d_in], G = root·rootᵀ
+
+        def energy(matrix: torch.Tensor) -> float:
+            matrix = matrix.detach().to(root.device, torch.float32)
+            return float((root.T @ matrix).norm() if transposed else (matrix @ root).norm())
+
+        base = energy(weight)
+        return energy(delta) / base if base > 0 else float("inf")
+
+
+class _StopForward(Exception):
+    """Raised by the collecting hook once the keys are read: the layers above are not needed."""
+
+
+def _stop(output: Any, module: nn.Module) -> Any:
+    raise _StopForward
+
+
+def guard_prompts(suffix: str | None, requests: Sequence[str] | None = None) -> list[str]:
+    """The benign prompts whose keys the delta must leave alone: every authored request, then
+    (when ``suffix`` is given) every request with the suffix, as the edited model is asked both ways."""
+    requests = list(constraint_requests() if requests is None else requests)
+    return requests + ([with_suffix(r, suffix) for r in requests] if suffix else [])
+
+
+def render(tokenizer: Any, prompts: Sequence[str], *, chat_template: ChatMode, max_length: int) -> list[list[int]]:
+    """Token ids of ``prompts`` as the edit encodes a prompt (its end kept when over-long)."""
+    return [prompt_ids(tokenizer, p, chat_template)[-max_length:] for p in prompts]
+
+
+@torch.no_grad()
+def collect_gram(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list[int]], pad: int,
+                 *, batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, int]:
+    """(Σ k·kᵀ over the keys [d_in, d_in] fp32, number of keys): k the input of ``layer``'s MLP
+    output projection at every non-pad position of ``ids``. The model runs in eval mode (restored
+    after); unless accelerate offloads some of it, the forward stops at the projection."""
+    module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
+    base = get_module(model, arch.base)
+    device = execution_device(module)
+    # raising through accelerate's offload hooks would skip their post-forward (weights left loaded)
+    stop = not any(is_offloaded(m) for m in model.modules())
+    gram: torch.Tensor | None = None
+    n_keys = 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    was_training = model.training
+    model.eval()  # no dropout in the keys
+    try:
+        with Trace(module, retain_input=True, retain_output=False, edit_output=_stop if stop else None,
+                   detach=True) as trace:
+            for start in range(0, len(order), batch_size):
+                input_ids, mask = pad_right([ids[i] for i in order[start:start + batch_size]], pad)
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                try:
+                    base(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                keys = trace.input[mask.bool()].float()  # [n_tokens, d_in]
+                gram = keys.T @ keys if gram is None else gram.addmm_(keys.T, keys)
+                n_keys += keys.shape[0]
+    finally:
+        model.train(was_training)
+    if gram is None:
+        raise ValueError("no prompts to collect null-space keys from")
+    return gram, n_keys
+
+
+def _weights_digest(model: nn.Module, arch: ArchMap, layer: int) -> str:
+    """A digest of fingerprint samples of every weight the keys depend on: those outside the decoder
+    layers (embeddings; the head and final norm too, harmlessly) and those of layers 0..``layer``."""
+    prefix = f"{arch.layers}."
+    digest = hashlib.sha256()
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) > layer:
+            continue
+        sample = fingerprint(real_values(model, name))
+        digest.update(json.dumps([name, sample["shape"], sample["values"]]).encode())
+    return digest.hexdigest()
+
+
+def key_space(
+    model: nn.Module,
+    tokenizer: Any,
+    arch: ArchMap,
+    layer: int,
+    *,
+    suffix: str | None,
+    chat_template: ChatMode,
+    max_length: int,
+    requests: Sequence[str] | None = None,
+) -> tuple[KeySpace, bool]:
+    """The key space of ``layer`` on the guard prompts (see :func:`guard_prompts`), and whether it
+    came from the cache."""
+    ids = render(tokenizer, guard_prompts(suffix, requests), chat_template=chat_template, max_length=max_length)
+    module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
+    key = (layer, f"{arch.layers}.{layer}.{arch.mlp_out}", str(module.weight.dtype),
+           hashlib.sha256(json.dumps(ids).encode()).hexdigest(), _weights_digest(model, arch, layer))
+    entries = _CACHE.setdefault(model, OrderedDict())
+    if key in entries:
+        entries.move_to_end(key)
+        return entries[key], True
+    gram, n_keys = collect_gram(model, arch, layer, ids, pad_id(tokenizer))
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram / n_keys)  # fp32, ascending
+    space = KeySpace(eigenvalues.clamp_min(0), eigenvectors, n_keys)
+    entries[key] = space
+    while len(entries) > CACHE_PER_MODEL:
+        entries.popitem(last=False)
+    return space, False
+
+
+def clear_cache() -> None:
+    """Forget every cached key space (e.g. after changing a model's weights in a way fingerprint
+    samples could miss)."""
+    _CACHE.clear()
