@@ -6,11 +6,14 @@
   through a rejudge too: a swap of any two is caught.
 * Localisation (``mode="mean"`` and ``mode="reference"``) against profiles computed by hand, on
   responses of different lengths so that padding matters.
+* ``bench/edit_speed.py`` measures the committed DINM preset (guard included), never a stand-in.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -407,3 +410,19 @@ def test_locate_reference_without_padding_is_the_plain_frobenius_distance(family
     hs, hu = _layer_states(model, [safe]), _layer_states(model, [unsafe])
     expected = [float(torch.linalg.matrix_norm(s[0] - u[0])) for s, u in zip(hs, hu)]
     assert editkit.locate(model, tokenizer, inst, mode="reference").profile == pytest.approx(expected, rel=1e-5)
+
+
+def test_edit_speed_bench_measures_the_committed_preset() -> None:
+    """The bench once read a moved YAML path and silently fell back to 20 steps without the guard."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "edit_speed.py"
+    spec = importlib.util.spec_from_file_location("edit_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    committed = editkit.load_hparams("dinm", "smollm2-135m")
+    assert bench.dinm_settings() == committed
+    assert committed.benign_constraint > 0  # the over-refusal guard is part of what is timed
+    with pytest.raises(FileNotFoundError):
+        bench.dinm_settings("no-such-preset")
+    reference = bench.reference_settings(committed)
+    assert (reference.steps, reference.fast_path, reference.benign_constraint, reference.constraint_pairs) == (
+        10, False, 0, 0)
