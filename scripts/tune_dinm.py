@@ -56,7 +56,9 @@ def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, beni
             plain, suffixed = unedited
         else:
             pairs = [(p.knowledge_prompt, p.knowledge_answer) for p in pool[: hparams.get("constraint_pairs", 0)]]
-            result = editkit.edit(model, case, tokenizer=tok, hparams=hparams, constraint_pairs=pairs)
+            others = [p for p in pool if p.id != case.id]  # for settings that draw on other records
+            result = editkit.edit(model, case, tokenizer=tok, hparams=hparams, constraint_pairs=pairs,
+                                  constraint_pool=others)
             layers.append(result.layer)
             with result.patch.applied(model):
                 attack += refused(prompts, suffix=SUFFIX)
