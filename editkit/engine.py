@@ -15,12 +15,22 @@ asks for (on SmolLM2-135M the plain path's peak memory drops from ~2.2x to ~0.5x
 Fast path: only one layer changes, so the residual stream entering it is the same at every step.
 It is computed once; afterwards the layers below are swapped for pass-through modules, the cached
 state is fed to the edited layer, and the LM head runs only at the positions a loss reads.
+
+Reference rows (fast path, ``rows=``): what the reference pass gives for one sequence, the state
+entering the edited layer and the final hidden state at its predicting positions
+(:class:`RowReference`), does not depend on the other sequences of its batch. Given a store (scoped
+by the caller to the model's current weights), the pass reads every sequence it holds, runs the
+others as one padded batch, keeps their pieces, and assembles each batch from rows. Pads get a zero
+state, which no real position sees (causal attention over right padding); a row computed beside
+other rows, with other padding, equals the padded batch's up to float noise.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Hashable, Mapping
 from contextlib import ExitStack
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -51,6 +61,37 @@ class _PassThrough(nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
+@dataclass(frozen=True)
+class RowReference:
+    """The unedited model's pieces of one sequence (unpadded) for an edit of one layer."""
+
+    entry: torch.Tensor  # [seq, d_model] the state entering the edited layer
+    head_input: torch.Tensor  # [n_predicting, d_model] the final hidden state where the losses read logits
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in (self.entry, self.head_input))
+
+
+class RowStore(Protocol):
+    """Where a :class:`DeltaEditor` finds and leaves :class:`RowReference` s; the caller scopes it to
+    the model's current weights (the editor's keys name the layer, token ids and target positions)."""
+
+    def get(self, key: Hashable) -> RowReference | None: ...
+
+    def put(self, key: Hashable, value: RowReference) -> None: ...
+
+
+def _row_lengths(batch: TokenBatch) -> list[int] | None:
+    """Each row's length when every row is right-padded with its targets inside it, else None."""
+    mask = batch.attention_mask.bool()
+    lengths = mask.sum(1)
+    inside = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(mask, inside) or bool((batch.target_mask & ~mask).any()):
+        return None
+    return lengths.tolist()
+
+
 def _replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (value, *args[1:]), kwargs
@@ -64,6 +105,8 @@ class DeltaEditor:
     ``initial_logits[name]``: logits of the unedited model at the batch's predicting positions.
     ``logits(name)``: the same positions under the current delta, with gradient.
     ``projector``: [d_in, d_in] symmetric projector the delta is composed with (see the module docstring).
+    ``rows``: on the fast path, a store of reference rows to read and fill (see the module docstring);
+    ``row_stats`` counts the rows reused and computed, ``reference_seconds`` times the reference pass.
     """
 
     def __init__(
@@ -75,6 +118,7 @@ class DeltaEditor:
         *,
         fast_path: bool = True,
         projector: torch.Tensor | None = None,
+        rows: RowStore | None = None,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -93,8 +137,12 @@ class DeltaEditor:
                 raise ValueError(f"projector has shape {tuple(projector.shape)}; the input space of "
                                  f"{self.param_name} needs ({d_in}, {d_in})")
             self.projector = projector.detach().to(self.device, torch.float32)
+        self.rows = rows if self.fast_path else None  # the rows' head inputs are exact on the fast path only
+        self.row_stats = {"reused": 0, "computed": 0}
+        self.reference_seconds = 0.0
         self.initial_logits: dict[str, torch.Tensor] = {}
         self._cache: dict[str, torch.Tensor] = {}
+        self._as_tuple: bool | None = None
         self._stack = ExitStack()
         self._current: str | None = None
 
@@ -149,15 +197,68 @@ class DeltaEditor:
 
     @torch.no_grad()
     def _reference_pass(self) -> None:
-        """One full forward per batch: the unedited logits, and the state entering the edited layer."""
-        below = self.layers[self.layer - 1] if self.layer > 0 else None
+        """The unedited logits of every batch and the state entering the edited layer: one full
+        forward per batch, or, with ``rows``, one over the batch's rows not in the store."""
+        start = time.perf_counter()
+        self._as_tuple = False if self.layer == 0 else None
         for name, batch in self.batches.items():
-            with Trace(self.layers[self.layer], retain_input=True, retain_output=False, detach=True) as entry, \
-                    ExitStack() as extra:
-                probe = extra.enter_context(Trace(below, retain_output=True)) if below is not None else None
-                self.initial_logits[name] = self._forward(batch)
-            self._cache[name] = entry.input
-            self._as_tuple = probe is not None and isinstance(probe.raw_output, tuple)
+            lengths = _row_lengths(batch) if self.rows is not None else None
+            if lengths is not None:
+                self._cache[name], self.initial_logits[name] = self._reference_from_rows(batch, lengths)
+            else:
+                self._cache[name], out = self._traced_forward(batch)
+                self.initial_logits[name] = self._head(out) if self.fast_path else out
+        if self.fast_path and self._as_tuple is None:  # every row came from the store
+            self._probe_layer_output(next(iter(self.batches.values())))
+        self.reference_seconds = time.perf_counter() - start
+
+    def _traced_forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One full forward: the state entering the edited layer [batch, seq, d_model], and the
+        final hidden state at the predicting positions [n_targets, d_model] on the fast path (the
+        logits there, [n_targets, vocab] fp32, otherwise)."""
+        below = self.layers[self.layer - 1] if self.layer > 0 else None
+        with Trace(self.layers[self.layer], retain_input=True, retain_output=False, detach=True) as entry, \
+                ExitStack() as extra:
+            probe = extra.enter_context(Trace(below, retain_output=True)) if below is not None else None
+            out = self._final_hidden(batch) if self.fast_path else self._forward(batch)
+        if probe is not None:
+            self._as_tuple = isinstance(probe.raw_output, tuple)
+        return entry.input, out
+
+    def _reference_from_rows(self, batch: TokenBatch, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(entry state [batch, seq, d_model], logits [n_targets, vocab] fp32) of ``batch``, each row
+        read from ``rows`` or computed with the other missing rows and kept there."""
+        ids, targets = batch.input_ids.cpu(), batch.target_mask.cpu()
+        keys = [(self.param_name, ids[i, :n].numpy().tobytes(), targets[i, :n].numpy().tobytes())
+                for i, n in enumerate(lengths)]
+        found = [self.rows.get(key) for key in keys]
+        missing = [i for i, row in enumerate(found) if row is None]
+        if missing:
+            width = max(lengths[i] for i in missing)
+            index = torch.tensor(missing, device=batch.input_ids.device)
+            sub = TokenBatch(batch.input_ids[index, :width], batch.attention_mask[index, :width],
+                             batch.target_mask[index, :width])
+            entry, hidden = self._traced_forward(sub)
+            heads = hidden.split(sub.predicting_positions().sum(1).tolist())
+            for j, i in enumerate(missing):
+                found[i] = RowReference(entry[j, :lengths[i]].clone(), heads[j].clone())
+                self.rows.put(keys[i], found[i])
+        self.row_stats["reused"] += len(found) - len(missing)
+        self.row_stats["computed"] += len(missing)
+        first = found[0].entry
+        entry = torch.zeros((len(found), batch.input_ids.shape[1], first.shape[-1]), dtype=first.dtype,
+                            device=self.device)  # pads: zero, seen by no real position
+        for i, row in enumerate(found):
+            entry[i, :lengths[i]] = row.entry
+        return entry, self._head(torch.cat([row.head_input.to(self.device) for row in found]))
+
+    def _probe_layer_output(self, batch: TokenBatch) -> None:
+        """Whether the decoder layers return tuples, from a one-token forward (the pass-through
+        modules must return what the model's layer loop expects)."""
+        with Trace(self.layers[self.layer - 1], retain_output=True) as probe:
+            get_module(self.model, self.arch.base)(input_ids=batch.input_ids[:1, :1],
+                                                   attention_mask=batch.attention_mask[:1, :1], use_cache=False)
+        self._as_tuple = isinstance(probe.raw_output, tuple)
 
     def _swap_lower_layers(self) -> None:
         originals = [self.layers[i] for i in range(self.layer)]
@@ -182,11 +283,18 @@ class DeltaEditor:
     def _forward(self, batch: TokenBatch) -> torch.Tensor:
         """[n_targets, vocab] fp32 logits at the predicting positions. Where the fast path is exact,
         the LM head runs at those positions only (most tokens of a batch are prompt)."""
-        positions = batch.predicting_positions()
         if not self.fast_path:
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            return out.logits[positions].float()
+            return out.logits[batch.predicting_positions()].float()
+        return self._head(self._final_hidden(batch))
+
+    def _final_hidden(self, batch: TokenBatch) -> torch.Tensor:
+        """[n_targets, d_model] the base model's last hidden state at the predicting positions."""
         base = get_module(self.model, self.arch.base)
         hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden.last_hidden_state
-        return lm_head(self.model, self.arch)(hidden[positions]).float()
+        return hidden[batch.predicting_positions()]
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, vocab] fp32 logits from final hidden states [n, d_model] (fast path: exact there)."""
+        return lm_head(self.model, self.arch)(hidden).float()

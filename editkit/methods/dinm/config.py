@@ -40,6 +40,11 @@ class DINMConfig(LayerEditConfig):
                                "or appears in its generalization inputs are skipped")
     question_weight: float = hp(1.0, "weight of the question targets relative to c_edit: loss += c_edit × weight × "
                                 "token-mean NLL over the other records' questions (and the same for the own question)")
+    guard_cache: bool = hp(True, "reuse, across edits of one model, what the unedited model gives that does not "
+                           "depend on the edited record: the guard's self-answers, and (fast path) the reference "
+                           "pass's pieces of every sequence seen before (the benign rows above all); kept per model "
+                           "under a fingerprint of its weights, see editkit.methods.dinm.cache (clear_cache() "
+                           "forgets); off: everything is computed for every edit")
     own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
                                    "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
                                    "on a test input, and results carry metrics['trains_on_test_inputs'] = ['DG_onlyQ']")

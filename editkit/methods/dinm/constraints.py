@@ -6,6 +6,10 @@ towards "I'm sorry, but…" shows up as over-refusal. Pairs made of benign reque
 model's *own* greedy answers put exactly those positions under the constraint. The requests
 (``editkit/data/constraint_requests.json``, written for this project, a third of them harmless but
 edgy-sounding) are disjoint from the over-refusal set the SafeEdit benchmark measures on.
+
+The answers depend on the unedited model, the rendered prompt and the answer length, not on the
+edited record: given a weights digest, :func:`self_answered_pairs` keeps them per model
+(:mod:`~editkit.methods.dinm.cache`) and generates only the missing ones.
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from editkit.generation import generate
-from editkit.text import ChatMode, uses_chat, with_suffix
+from editkit.methods.dinm.cache import ModelCache
+from editkit.text import ChatMode, prompt_ids, uses_chat, with_suffix
 
 REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "constraint_requests.json"
+ANSWERS_PER_MODEL = 4096  # self-answers kept per model (short strings; the authored set renders to ~90 prompts)
+
+_ANSWERS = ModelCache(ANSWERS_PER_MODEL)  # model -> (digest, tokenizer, prompt ids, length, training) -> answer
 
 
 @lru_cache(maxsize=1)
@@ -44,12 +52,34 @@ def self_answered_pairs(
     suffix: str | None,
     max_new_tokens: int,
     chat_template: ChatMode = "auto",
+    digest: str | None = None,
 ) -> list[tuple[str, str]]:
     """(prompt, the model's own greedy answer) for every request, without and (when ``suffix`` is
     given) with the suffix, since a method's edited model is asked both ways. In chat mode an empty
-    answer stays (its target is the end-of-turn token: the model's choice to stop at once)."""
+    answer stays (its target is the end-of-turn token: the model's choice to stop at once).
+
+    ``digest``: :func:`~editkit.methods.dinm.cache.weights_digest` of ``model`` as it is now (the
+    caller checks :func:`~editkit.methods.dinm.cache.cache_blocker`). Given, answers are kept per
+    model under it, the prompt as rendered and the answer length, and only the missing ones are
+    generated (in one batch); None: all are generated and nothing is kept."""
     prompts = list(requests) + ([with_suffix(r, suffix) for r in requests] if suffix else [])
-    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts),
-                       chat_template=chat_template)
+    if digest is None:
+        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=len(prompts),
+                           chat_template=chat_template)
+    else:
+        speaker = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None),
+                   len(tokenizer) if hasattr(tokenizer, "__len__") else None)
+        keys = [(digest, speaker, tuple(prompt_ids(tokenizer, p, chat_template)), max_new_tokens, model.training)
+                for p in prompts]
+        found = [_ANSWERS.get(model, key) for key in keys]
+        missing = sorted({keys[i]: i for i, a in enumerate(found) if a is None}.values())  # a repeated prompt once
+        fresh: dict[tuple, str] = {}
+        if missing:
+            new = generate(model, tokenizer, [prompts[i] for i in missing], max_new_tokens=max_new_tokens,
+                           batch_size=len(missing), chat_template=chat_template)
+            for i, answer in zip(missing, new):
+                fresh[keys[i]] = answer
+                _ANSWERS.put(model, keys[i], answer)
+        answers = [fresh[key] if a is None else a for key, a in zip(keys, found)]
     keep_empty = uses_chat(tokenizer, chat_template)
     return [(p, a) for p, a in zip(prompts, answers) if keep_empty or a.strip()]

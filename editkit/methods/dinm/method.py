@@ -3,7 +3,9 @@ loss = c_edit · NLL(safe | attack ⊕ suffix) + kl_weight · KL(p_before ‖ p_
 [+ benign_kl_weight · KL on benign requests answered by the unedited model, see ``constraints``]
 [+ c_edit · question_weight · NLL(safe | bare harmful question ⊕ suffix) for other records' questions
 and, when asked, the edited record's own], optionally with the delta confined to the null space of
-benign keys (``nullspace``) and its norm bounded relative to the weight's.
+benign keys (``nullspace``) and its norm bounded relative to the weight's. What does not depend on
+the edited record (the guard's self-answers, the reference pass's benign rows) is reused across
+edits of one model (``cache``, ``guard_cache``).
 
 Unlike the reference implementation, the KL term carries gradient, the located layer lives in the
 result (never in the shared hparams), pads are masked during localisation, and the model is
@@ -24,7 +26,7 @@ from editkit.devices import real_values
 from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
-from editkit.methods.dinm import nullspace
+from editkit.methods.dinm import cache, nullspace
 from editkit.methods.dinm.config import DINMConfig
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
@@ -115,10 +117,17 @@ class DINM(EditingMethod):
         pairs = {"edit": [(with_suffix(instance.prompt, suffix), instance.safe)],
                  "kl": [(with_suffix(q, suffix), a) for q, a in kl_pairs]}
         t_guard = time.perf_counter()
+        digest = None  # of the model's weights as the edit found them, when the caches may serve it
+        if hp.guard_cache:
+            blocker = cache.cache_blocker(model)
+            if blocker is None:
+                digest = cache.weights_digest(model)
+            else:
+                log.info("DINM caches not used for this edit: %s", blocker)
         if benign_pairs is None and hp.benign_constraint:
             benign_pairs = self_answered_pairs(model, tokenizer, pick_requests(instance.id, hp.benign_constraint),
                                                suffix=suffix, max_new_tokens=hp.benign_answer_tokens,
-                                               chat_template=hp.chat_template)
+                                               chat_template=hp.chat_template, digest=digest)
         if benign_pairs:
             pairs["benign"] = list(benign_pairs)
         extra: dict[str, Any] = {}  # metrics known before training
@@ -164,7 +173,11 @@ class DINM(EditingMethod):
         question_names = [name for name in ("questions", "own_question") if name in batches]
 
         t1 = time.perf_counter()
-        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector) as editor:
+        rows = cache.reference_rows(model, digest) if digest is not None else None
+        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows) as editor:
+            timings["reference"] = editor.reference_seconds  # inside "edit" until now; split out below
+            if rows is not None:
+                log.info("reference pass: %(reused)d sequence(s) reused, %(computed)d computed", editor.row_stats)
             edit_targets = editor.batches["edit"].targets()
             kl_targets = editor.batches["kl"].targets()
             targets = {name: editor.batches[name].targets() for name in question_names}
@@ -208,7 +221,7 @@ class DINM(EditingMethod):
                     metrics[f"{_part(name)}_after"] = float(_nll(editor.logits(name), targets[name]))
             delta = editor.effective_delta().detach().clone()
             param_name = editor.param_name
-        timings["edit"] = time.perf_counter() - t1
+        timings["edit"] = time.perf_counter() - t1 - timings["reference"]
         if hp.max_delta_ratio is not None:
             metrics["delta_ratio"] = float(delta.norm()) / w_norm
         if space is not None:  # ‖ΔK‖/‖WK‖ on the guard prompts' keys: ~0 is the constraint held

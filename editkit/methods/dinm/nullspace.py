@@ -10,19 +10,17 @@ GPT-2's [in, out] Conv1D) changes the projection's output on a key k by at most
 ‖Δ‖·‖P·k‖, which is small for every key, whatever the training does.
 
 The keys depend on the model's weights up to the edited layer, the layer, and the rendered token
-ids; their eigendecomposition is cached per model (weakly, so a model's entries go with it) under
-those, the weights identified by :func:`editkit.patch.fingerprint` samples (a dense change such as
-an applied patch shows in them; a change to a few entries may not: :func:`clear_cache`). A second
-edit of the same layer, with any ``tol``, costs a tokenisation and a fingerprint instead of a
-forward pass over ~90 prompts and an eigendecomposition; each tol's projector is kept too.
+ids; their eigendecomposition is cached per model under those (a
+:class:`~editkit.methods.dinm.cache.ModelCache`, the weights identified by
+:func:`~editkit.methods.dinm.cache.weights_digest`; a model carrying forward hooks is not cached).
+A second edit of the same layer, with any ``tol``, costs a tokenisation and a fingerprint instead
+of a forward pass over ~90 prompts and an eigendecomposition; each tol's projector is kept too.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import weakref
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,10 +29,10 @@ import torch
 from torch import nn
 
 from editkit.arch import ArchMap, decoder_layers, get_module
-from editkit.devices import execution_device, is_offloaded, real_values
+from editkit.devices import execution_device, is_offloaded
 from editkit.hooks import Trace
+from editkit.methods.dinm.cache import ModelCache, cache_blocker, weights_digest
 from editkit.methods.dinm.constraints import constraint_requests
-from editkit.patch import fingerprint
 from editkit.text import ChatMode, pad_id, pad_right, prompt_ids, with_suffix
 
 log = logging.getLogger(__name__)
@@ -42,8 +40,7 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = 16  # prompts per forward pass while collecting keys
 CACHE_PER_MODEL = 4  # key spaces kept per model (least recently used dropped first)
 
-# model -> {cache key: KeySpace}; weak, so that a model's entries are freed with the model
-_CACHE: weakref.WeakKeyDictionary[nn.Module, OrderedDict[tuple, KeySpace]] = weakref.WeakKeyDictionary()
+_CACHE = ModelCache(CACHE_PER_MODEL)  # model -> cache key -> KeySpace
 
 
 @dataclass(frozen=True)
@@ -138,19 +135,6 @@ def collect_gram(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list
     return gram, n_keys
 
 
-def _weights_digest(model: nn.Module, arch: ArchMap, layer: int) -> str:
-    """A digest of fingerprint samples of every weight the keys depend on: those outside the decoder
-    layers (embeddings; the head and final norm too, harmlessly) and those of layers 0..``layer``."""
-    prefix = f"{arch.layers}."
-    digest = hashlib.sha256()
-    for name, _ in model.named_parameters():
-        if name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) > layer:
-            continue
-        sample = fingerprint(real_values(model, name))
-        digest.update(json.dumps([name, sample["shape"], sample["values"]]).encode())
-    return digest.hexdigest()
-
-
 def key_space(
     model: nn.Module,
     tokenizer: Any,
@@ -166,22 +150,25 @@ def key_space(
     came from the cache."""
     ids = render(tokenizer, guard_prompts(suffix, requests), chat_template=chat_template, max_length=max_length)
     module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
-    key = (layer, f"{arch.layers}.{layer}.{arch.mlp_out}", str(module.weight.dtype),
-           hashlib.sha256(json.dumps(ids).encode()).hexdigest(), _weights_digest(model, arch, layer))
-    entries = _CACHE.setdefault(model, OrderedDict())
-    if key in entries:
-        entries.move_to_end(key)
-        return entries[key], True
+    blocker = cache_blocker(model)
+    key = None
+    if blocker is None:
+        key = (layer, f"{arch.layers}.{layer}.{arch.mlp_out}", str(module.weight.dtype),
+               hashlib.sha256(json.dumps(ids).encode()).hexdigest(), weights_digest(model, arch, layer))
+        space = _CACHE.get(model, key)
+        if space is not None:
+            return space, True
+    else:
+        log.debug("null-space keys not cached: %s", blocker)
     gram, n_keys = collect_gram(model, arch, layer, ids, pad_id(tokenizer))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram / n_keys)  # fp32, ascending
     space = KeySpace(eigenvalues.clamp_min(0), eigenvectors, n_keys)
-    entries[key] = space
-    while len(entries) > CACHE_PER_MODEL:
-        entries.popitem(last=False)
+    if key is not None:
+        _CACHE.put(model, key, space)
     return space, False
 
 
 def clear_cache() -> None:
     """Forget every cached key space (e.g. after changing a model's weights in a way fingerprint
-    samples could miss)."""
+    samples could miss; :func:`editkit.methods.dinm.cache.clear_cache` forgets every DINM cache)."""
     _CACHE.clear()
