@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from safeedit import metrics
-from safeedit.runner import SUMMARY_KEYS, read_cases
+from safeedit.runner import read_cases, summarise_cases
 
 
 def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
@@ -18,8 +18,7 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]], dict[str, 
         raise ValueError(f"{run} has no finished cases (cases*.jsonl)")
     summary_path = run / "summary.json"
     label = json.loads(summary_path.read_text())["label"] if summary_path.exists() else rows[0].get("method", run.name)
-    summary = metrics.summarise([{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows])
-    return label, rows, summary
+    return label, rows, summarise_cases(rows)
 
 
 def per_category(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -312,14 +312,20 @@ def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance], 
     return write_summary(out_dir)
 
 
+def summarise_cases(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A run's metrics from its finished cases: the per-case keys of ``SUMMARY_KEYS`` averaged
+    (:func:`safeedit.metrics.summarise`), and over-refusal pooled per part of the benign requests
+    (:func:`safeedit.metrics.pooled_over_refusal`)."""
+    summary = metrics.summarise([{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows])
+    summary.update(metrics.pooled_over_refusal(rows))
+    return summary
+
+
 def write_summary(out_dir: str | Path, *, label: str | None = None) -> dict[str, Any]:
     """summary.json and table.md from every finished case in ``out_dir``."""
     out = Path(out_dir)
     rows = read_cases(out)
-    flat = [{k: r[k] for k in SUMMARY_KEYS if k in r} for r in rows]
-    summary = metrics.summarise(flat) if flat else {"n": 0}
-    if flat:
-        summary.update(metrics.pooled_over_refusal(rows))
+    summary = summarise_cases(rows) if rows else {"n": 0}
     if label is None:
         method = rows[0].get("method", "run") if rows else "run"
         label = "vanilla" if method == "none" else method

@@ -61,6 +61,14 @@ def test_rows_follow_the_judge_and_summary_follows_rows(tokenizer, cases, tmp_pa
         assert summary[f"n_benign_{part}"] == len(mine)
         assert summary[key] == pytest.approx(100 * sum(b["refusal"] > 0.5 for b in mine) / len(mine))
         assert summary[key + "_suffix"] == pytest.approx(100 * sum(b["refusal_suffix"] > 0.5 for b in mine) / len(mine))
+    # a report over run folders computes the same figures as the run's own summary
+    from safeedit.report import build_report
+
+    table = build_report([tmp_path], tmp_path / "report", plots=False)
+    reported = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
+    (only,) = reported.values()
+    assert {k: only[k] for k in summary} == pytest.approx(summary)
+    assert "Over-refusal" in table.splitlines()[0]
 
 
 def test_empty_responses_count_half(tokenizer, cases, tmp_path):
