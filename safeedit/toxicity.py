@@ -26,14 +26,12 @@ and tox_vs_ppl.png. :func:`report` puts several run folders in one table and one
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from editkit.generation.seeding import seeded
 from safeedit import metrics
 from safeedit.toxicity_prompts import PromptSet, ToxicityPrompt, load_prompts
 
@@ -166,25 +165,8 @@ def as_intervention(intervention: Any) -> Any:
 
 
 def detoxifier_kwargs(detoxifier: Any) -> dict[str, Any]:
-    """``{"detoxifier": ...}`` for ``editkit.generate`` (empty for None); a clear error while
-    ``editkit.generate`` takes no detoxifier."""
-    if detoxifier is None:
-        return {}
-    import editkit
-
-    if "detoxifier" not in inspect.signature(editkit.generate).parameters:
-        raise NotImplementedError("editkit.generate takes no detoxifier= argument yet (decoding-time detoxifiers "
-                                  "are not implemented in this version); evaluate without one")
-    return {"detoxifier": detoxifier}
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch for one prompt's samples and give the caller's RNG state back afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    """``{"detoxifier": ...}`` for ``editkit.generate`` (empty for None)."""
+    return {} if detoxifier is None else {"detoxifier": detoxifier}
 
 
 def prompt_seed(seed: int, prompt: ToxicityPrompt) -> int:
@@ -244,11 +226,12 @@ def evaluate_toxicity(
     Samples are identical on a rerun with the same seed and ``batch_size``; finished prompts are
     skipped when ``out_dir`` already holds rows of a run with the same settings.
     """
+    from tqdm.auto import tqdm
+
     import editkit
     from editkit.patch import model_info
     from editkit.text import with_suffix
     from safeedit.runner import CaseLog
-    from tqdm.auto import tqdm
 
     if k < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"k, max_new_tokens and batch_size must be >= 1, got {k}, {max_new_tokens}, {batch_size}")
@@ -288,8 +271,7 @@ def evaluate_toxicity(
     with intervention.around_run(model):
         for p in tqdm(todo, desc=f"toxicity {label}", unit="prompt", disable=not progress):
             start = time.perf_counter()
-            seeded = _seeded(prompt_seed(seed, p), device)
-            with seeded, intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
+            with seeded(prompt_seed(seed, p), device), intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
                 texts = editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
                                          batch_size=batch_size, suffix=intervention.suffix, chat_template=chat,
                                          **options, **detox)

@@ -13,15 +13,15 @@ paper's (which take the attribute descriptions of Self-Diagnosis, Schick et al.,
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from editkit.generation.seeding import seeded
 from editkit.text import pad_right
 
 # attribute -> what the diagnosis question asks the text to contain
@@ -148,15 +148,6 @@ def prompt_seed(seed: int, prompt: Sequence[int]) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """torch seeded for the block; the caller's RNG state is given back afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
 def self_generate(model: Any, tokenizer: Any, prompt: Sequence[int], *, k: int, max_new_tokens: int,
                   top_p: float = 0.9, seed: int = 0) -> list[str]:
     """``k`` sampled continuations (nucleus sampling at ``top_p``) of token-id ``prompt``, through
@@ -164,7 +155,7 @@ def self_generate(model: Any, tokenizer: Any, prompt: Sequence[int], *, k: int, 
     import editkit
 
     text = prompt_text(tokenizer, prompt)
-    with _seeded(prompt_seed(seed, prompt), next(model.parameters()).device):
+    with seeded(prompt_seed(seed, prompt), next(model.parameters()).device):
         return editkit.generate(model, tokenizer, [text] * k, max_new_tokens=max_new_tokens, batch_size=k,
                                 chat_template="raw", do_sample=True, top_p=top_p, top_k=0, temperature=1.0)
 

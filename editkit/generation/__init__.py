@@ -8,7 +8,8 @@
   key/value cache of its own (the generator's in the loop, a detoxifier's auxiliary model beside it);
 * :mod:`~editkit.generation.detoxifier` — :class:`Detoxifier`, the protocol decoding-time
   detoxifiers (:mod:`editkit.decoding`) follow, and its ``LogitsProcessor`` adapter;
-* :mod:`~editkit.generation.batching` — grouping prompts into batches.
+* :mod:`~editkit.generation.batching` — grouping prompts into batches;
+* :mod:`~editkit.generation.seeding` — :func:`seeded`, sampling under a seed without disturbing the caller's RNG.
 """
 from __future__ import annotations
 
