@@ -163,6 +163,29 @@ def test_archive_round_trips_and_gives_the_same_patch(trained, tokenizer, instan
     snap.assert_same(model)
 
 
+def test_archive_is_read_once_for_many_edits(trained, tokenizer, instance, monkeypatch) -> None:
+    """Scoring many records calls editkit.edit once per record: the archive is read and checked once."""
+    from editkit.methods.mend import method as mend_method
+
+    model, hp, out, _ = trained
+    other = copy.deepcopy(model)  # a model object no earlier test has edited with this archive
+    calls = []
+
+    def counting(folder, m):
+        calls.append(folder)
+        return load_editor(folder, m)
+
+    monkeypatch.setattr(mend_method, "load_editor", counting)
+    patches = [editkit.edit(other, instance, tokenizer=tokenizer, method="mend", hparams=hp.replace(archive=str(out)))
+               for _ in range(3)]
+    assert len(calls) == 1
+    assert all(torch.equal(patches[0].patch.deltas[n], p.patch.deltas[n]) for p in patches[1:] for n in p.patch.deltas)
+    untrained = [editkit.edit(other, instance, tokenizer=tokenizer, method="mend", hparams=hp.replace(lr=lr))
+                 for lr in (0.1, 0.2)]  # the untrained editor's rate is part of what is cached
+    n = next(iter(untrained[0].patch.deltas))
+    assert torch.allclose(untrained[1].patch.deltas[n], 2 * untrained[0].patch.deltas[n], rtol=1e-4, atol=1e-7)
+
+
 def test_archive_for_another_model_is_refused(trained, tokenizer, instance, snapshot) -> None:
     _, hp, out, _ = trained
     other = tiny_model("llama", seed=1)  # same architecture, other weights

@@ -7,9 +7,9 @@ refused). With ``archive: null`` the editor is untrained: identity-initialised, 
 plain gradient step ΔW = −lr · lr_scale · ∇W NLL(safe | attack ⊕ suffix) on the configured weights
 (one step of gradient descent, FT-style, on the top layers' MLP weights by default).
 
-A loaded editor is cached per model object and archive file in this method object (a
-``WeakKeyDictionary``: a model that is dropped takes its editors with it), so a caller that keeps the
-method object reads an archive once per model; ``editkit.edit`` makes a new method object per call.
+A loaded editor is cached per model object and archive file (its path and modification time) in
+this module, shared by every MEND object (a ``WeakKeyDictionary``: a model that is dropped takes its
+editors with it), so scoring many records with ``editkit.edit`` reads and checks an archive once.
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ from editkit.text import encode_pairs
 
 log = logging.getLogger(__name__)
 
+# model -> {(archive path, mtime) or (None, lr, target names): (editor, archive metadata)}
+_EDITORS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[MENDEditor, dict[str, Any]]]] = (
+    weakref.WeakKeyDictionary())
+
 
 class MEND(EditingMethod):
     name = "mend"
@@ -44,20 +48,15 @@ class MEND(EditingMethod):
     config_class = MENDConfig
     hparams: MENDConfig
 
-    def __init__(self, hparams: MENDConfig) -> None:
-        super().__init__(hparams)
-        self._editors: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[MENDEditor, dict[str, Any]]]] = (
-            weakref.WeakKeyDictionary())
-
     # -- the editor ------------------------------------------------------------------------------------
     def editor_for(self, model: nn.Module, arch: ArchMap) -> tuple[MENDEditor, dict[str, Any]]:
         """(editor, archive metadata) for ``model``: the archive's trained editor (checked against the
         model), or an untrained one on the configured weights when ``archive`` is null."""
         hp = self.hparams
-        cache = self._editors.setdefault(model, {})
+        cache = _EDITORS.setdefault(model, {})
         if hp.archive is None:
             targets = resolve_targets(model, arch, hp.layers, hp.modules)
-            key: tuple = (None, tuple(t.name for t in targets))
+            key: tuple = (None, hp.lr, tuple(t.name for t in targets))
             if key not in cache:
                 # U = 0 makes the MLP's output exactly zero whatever its size: build the smallest one
                 editor = MENDEditor(targets, rank=1, n_hidden=0, lr=hp.lr, normalize=False)
