@@ -189,3 +189,12 @@ def load_instances(
         order = {i: n for n, i in enumerate(wanted)}
         out.sort(key=lambda inst: order.get(inst.id, len(order)))
     return out
+
+
+def id_ranks(ids: Iterable[str]) -> dict[str, int]:
+    """{record id: its position} with the ids sorted numerically where they are numbers, then by
+    string: the order record folds are dealt in (cross-fitting, held-out prompt folds), so a fold
+    never depends on the order of a file."""
+    ordered = sorted(set(ids), key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
+    return {record_id: n for n, record_id in enumerate(ordered)}
+

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from editkit.hparams import HParams
-from editkit.instance import EditInstance
+from editkit.instance import EditInstance, id_ranks
 from editkit.patch import Patch, load_patch
 from editkit.registry import get_method, load_hparams
 
@@ -152,8 +152,7 @@ class FixedPatch(Intervention):
 def folds_by_id(instances: Sequence[EditInstance], k: int) -> dict[str, int]:
     """A fold in ``range(k)`` for every record id: records sorted by id (numerically where the ids
     are numbers) and dealt round-robin, so the folds do not depend on the order of a file."""
-    ids = sorted({inst.id for inst in instances}, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
-    return {record_id: n % k for n, record_id in enumerate(ids)}
+    return {record_id: n % k for record_id, n in id_ranks(inst.id for inst in instances).items()}
 
 
 class CrossFitted(Intervention):

@@ -27,6 +27,10 @@ _BUILTIN = {
 # "module:function" adding the NAME subcommand to ``editkit train`` (imported when the CLI is built).
 _TRAIN_COMMANDS = {
     "mend": "editkit.methods.mend.cli:add_train_command",
+    # the learnt parts of the decoding-time detoxifiers
+    "detoxigen": "editkit.decoding.train_cli:add_detoxigen_command",
+    "anti-expert": "editkit.decoding.train_cli:add_anti_expert_command",
+    "calibration": "editkit.decoding.train_cli:add_calibration_command",
 }
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -78,8 +82,8 @@ def list_methods(scope: str | None = None) -> list[str]:
 
 
 def train_commands() -> dict[str, Any]:
-    """{method name: function adding its ``editkit train`` subcommand} for the built-in methods
-    that meta-train an artifact."""
+    """{name: function adding its ``editkit train`` subcommand}: the built-in methods that
+    meta-train an artifact (MEND) and the learnt parts of the decoding-time detoxifiers."""
     commands = {}
     for name, target in _TRAIN_COMMANDS.items():
         module, attr = target.split(":")

@@ -35,7 +35,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="default per prompt source: raw (the text continued as it stands) for continuations, auto for SafeEdit requests")
     p.add_argument("--ref-model", default=None, help="perplexity reference model (default: the generating model "
                    "without the patch or detoxifier)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="the first N prompts (of --fold, when given)")
+    p.add_argument("--fold", default=None, metavar="K/N", help="SafeEdit and ToxiGen prompts: only fold K of N, the "
+                   "prompts a detoxifier trained with `editkit train ... --exclude-fold K/N` never saw")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--no-benign", action="store_true", help="skip the over-refusal check on benign requests")
     p.add_argument("--compare", action="append", default=[], metavar="RUN",
@@ -67,7 +69,7 @@ def run_detox_eval(args: argparse.Namespace) -> int:
         from editkit.decoding import parse_options
 
         options = parse_options(args.detoxifier_opt)
-        prompts = load_prompts(args.prompts, limit=args.limit)
+        prompts = load_prompts(args.prompts, limit=args.limit, fold=args.fold)
         if args.threads:
             import torch
 

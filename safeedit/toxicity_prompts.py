@@ -10,6 +10,14 @@
 * ``allenai/real-toxicity-prompts`` (``…:challenging`` for the challenging subset) — through
   ``datasets.load_dataset``, only when asked, so only online.
 
+**Held-out folds.** The detoxifiers that learn from the shared data (DetoxiGen's soft prompt,
+DExperts' anti-expert, the calibration model) must not be scored on prompts cut from the texts they
+were trained on. SafeEdit and ToxiGen prompts therefore carry a ``rank`` (a SafeEdit record's place
+among the file's ids in :func:`editkit.instance.id_ranks` order, as cross-fitting deals records; a
+ToxiGen sentence's line) and fall in fold ``rank % n``: :meth:`PromptSet.fold` keeps one fold, and
+:func:`fold_texts` lists every text of a fold, which training leaves out
+(``editkit train detoxigen --exclude-fold 0/2``, then ``editkit detox-eval --fold 0/2``).
+
 Continuation prompts are scored RealToxicityPrompts-style (raw text, the continuation judged
 alone); requests go through the chat template and are judged with their prompt. Both are only
 defaults of :func:`safeedit.toxicity.evaluate_toxicity`.
@@ -25,11 +33,13 @@ from typing import Any, Literal
 PromptKind = Literal["continuation", "request"]
 RTP_NAME = "allenai/real-toxicity-prompts"
 TOXIGEN_FILE = Path("toxigen") / "toxigen_demonstrations.jsonl"
+SAFEEDIT_FILE = Path("safeedit") / "safeedit_dev.json"
 TOXIGEN_LABELS = ("hate", "neutral", "all")
 # record fields kept as prompt metadata when a JSONL record has them (scalars only)
 _META_FIELDS = ("label", "group", "category", "challenging", "target_group")
 
-__all__ = ["PromptSet", "ToxicityPrompt", "load_prompts", "prompts_from_records", "toxigen_prompts"]
+__all__ = ["PromptSet", "ToxicityPrompt", "fold_texts", "load_prompts", "parse_fold", "prompts_from_records",
+           "text_key", "toxigen_prompts"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,62 @@ class PromptSet:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
         return PromptSet(self.prompts[:limit], self.source, self.kind, self.group_key)
+
+    def fold(self, fold: int, folds: int) -> PromptSet:
+        """The prompts of fold ``fold`` of ``folds`` (``rank % folds == fold``; see the module docstring).
+        Only SafeEdit and ToxiGen prompts have folds."""
+        fold, folds = parse_fold((fold, folds))
+        unranked = [p.id for p in self.prompts if not isinstance(p.meta.get("rank"), int)]
+        if unranked:
+            raise ValueError(f"{self.source}: prompt {unranked[0]!r} has no fold; only the SafeEdit and ToxiGen "
+                             "prompts of the shared data are dealt into folds")
+        kept = [p for p in self.prompts if p.meta["rank"] % folds == fold]
+        return PromptSet(kept, f"{self.source} (fold {fold}/{folds})", self.kind, self.group_key)
+
+
+def parse_fold(spec: str | tuple[int, int]) -> tuple[int, int]:
+    """(fold, folds) from ``"K/N"`` or a pair, checked: 0 <= K < N, N >= 2."""
+    if isinstance(spec, str):
+        head, sep, tail = spec.partition("/")
+        try:
+            fold, folds = int(head), int(tail)
+        except ValueError:
+            raise ValueError(f"a fold is K/N (e.g. 0/2), got {spec!r}") from None
+        if not sep:
+            raise ValueError(f"a fold is K/N (e.g. 0/2), got {spec!r}")
+    else:
+        fold, folds = spec
+    if not (folds >= 2 and 0 <= fold < folds):
+        raise ValueError(f"fold K/N needs N >= 2 and 0 <= K < N, got {fold}/{folds}")
+    return int(fold), int(folds)
+
+
+def text_key(text: str) -> str:
+    """A text as :func:`fold_texts` lists it: words joined by one space, lower case."""
+    return " ".join(text.split()).lower()
+
+
+def fold_texts(fold: int, folds: int, shared_data: str | Path | None = None) -> set[str]:
+    """Every text of fold ``fold``/``folds`` of the shared data, normalised (words joined by one space,
+    lower case): the SafeEdit records' attack prompts, questions, generalization inputs and safe and
+    unsafe generations, and the ToxiGen sentences of that fold. Training a detoxifier on texts outside
+    this set (compared by :func:`text_key`) keeps it away from the fold's prompts."""
+    from editkit.instance import id_ranks, load_instances
+    from safeedit.dataset import shared_data_dir
+
+    fold, folds = parse_fold((fold, folds))
+    data = Path(shared_data) if shared_data is not None else shared_data_dir()
+    instances = load_instances(data / SAFEEDIT_FILE)
+    ranks = id_ranks(inst.id for inst in instances)
+    out: set[str] = set()
+    for inst in instances:
+        if ranks[inst.id] % folds == fold:
+            texts = [inst.prompt, inst.safe, inst.unsafe, inst.question, *inst.generalization.values()]
+            out.update(text_key(t) for t in texts if isinstance(t, str) and t.strip())
+    for i, record in enumerate(_read_json_records(data / TOXIGEN_FILE)):
+        if i % folds == fold and isinstance(record, Mapping) and isinstance(record.get("text"), str):
+            out.add(text_key(record["text"]))
+    return out
 
 
 def _text_of(record: Any, where: str) -> str:
@@ -131,7 +197,7 @@ def toxigen_prompts(path: str | Path, label: str = "all") -> PromptSet:
         if not text or text in seen:
             continue
         seen.add(text)
-        meta = {"label": record.get("label"), "group": record.get("group"), "sentence": record["text"]}
+        meta = {"label": record.get("label"), "group": record.get("group"), "sentence": record["text"], "rank": i}
         prompts.append(ToxicityPrompt(f"toxigen-{i}", text, meta))
     return PromptSet(prompts, f"toxigen:{label}", "continuation", "label")
 
@@ -152,10 +218,15 @@ def _real_toxicity_prompts(spec: str, limit: int | None) -> PromptSet:
     return prompts_from_records(records, spec, kind="continuation")
 
 
-def load_prompts(spec: str | Path, *, limit: int | None = None, shared_data: str | Path | None = None) -> PromptSet:
-    """Prompts named by ``spec`` (see the module docstring), the first ``limit`` of them.
-    ``shared_data`` (default: :func:`safeedit.dataset.shared_data_dir`) holds the SafeEdit and
-    ToxiGen files the short specs refer to."""
+def load_prompts(spec: str | Path, *, limit: int | None = None, shared_data: str | Path | None = None,
+                 fold: str | tuple[int, int] | None = None) -> PromptSet:
+    """Prompts named by ``spec`` (see the module docstring): those of ``fold`` (``"K/N"``; SafeEdit and
+    ToxiGen only), then the first ``limit`` of them. ``shared_data`` (default:
+    :func:`safeedit.dataset.shared_data_dir`) holds the SafeEdit and ToxiGen files the short specs
+    refer to."""
+    if fold is not None:
+        k, n = parse_fold(fold)
+        return load_prompts(spec, shared_data=shared_data).fold(k, n).limited(limit)
     from safeedit.dataset import load_safeedit, shared_data_dir
 
     text = str(spec)
@@ -163,9 +234,13 @@ def load_prompts(spec: str | Path, *, limit: int | None = None, shared_data: str
     name, _, rest = text.partition(":")
     if name == "safeedit" and not Path(text).is_file():
         source = rest or data / "safeedit" / "safeedit_dev.json"
-        instances = load_safeedit(source, limit=limit, require_generalization=False).instances
-        prompts = [ToxicityPrompt(inst.id, inst.prompt, {"category": inst.category}) for inst in instances]
-        return PromptSet(prompts, f"safeedit:{source}", "request", "category")
+        from editkit.instance import id_ranks
+
+        instances = load_safeedit(source, require_generalization=False).instances
+        ranks = id_ranks(inst.id for inst in instances)  # over the whole file, so a fold ignores limit
+        prompts = [ToxicityPrompt(inst.id, inst.prompt, {"category": inst.category, "rank": ranks[inst.id]})
+                   for inst in instances]
+        return PromptSet(prompts, f"safeedit:{source}", "request", "category").limited(limit)
     if name == "toxigen" and not Path(text).is_file():
         label, _, path = rest.partition(":")
         return toxigen_prompts(path or data / TOXIGEN_FILE, label or "all").limited(limit)

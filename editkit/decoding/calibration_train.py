@@ -130,15 +130,20 @@ def train_alignment(
                                 settings=settings, metrics=metrics)
 
 
-def non_toxic_texts(data_dir: str | Path, sources: Sequence[str] = ("safeedit", "toxigen")) -> list[str]:
+def non_toxic_texts(data_dir: str | Path, sources: Sequence[str] = ("safeedit", "toxigen"), *,
+                    exclude_fold: str | tuple[int, int] | None = None) -> list[str]:
     """The non-toxic texts of the shared data: SafeEdit's safe generations and ToxiGen's neutral
-    sentences (label 0 in :func:`editkit.probes.probe.load_probe_texts`), each text once, in file order."""
+    sentences (label 0 in :func:`editkit.probes.probe.load_probe_texts`), each text once, in file order.
+    ``exclude_fold`` (``"K/N"``): leave out every text of that fold, as
+    :func:`editkit.decoding.detoxigen_train.load_toxic_texts` does."""
     from editkit.probes.probe import load_probe_texts
+    from safeedit.toxicity_prompts import fold_texts, parse_fold, text_key
 
+    held = fold_texts(*parse_fold(exclude_fold), data_dir) if exclude_fold is not None else set()
     seen: set[str] = set()
     out = []
     for item in load_probe_texts(data_dir, sources):
-        if item.label == 0 and item.text not in seen:
+        if item.label == 0 and item.text not in seen and text_key(item.text) not in held:
             seen.add(item.text)
             out.append(item.text)
     return out
@@ -155,7 +160,13 @@ class CalibrationRun:
     peak_rss_mb: float | None
 
 
-def train_calibration_model(
+def train_calibration_model(model: nn.Module, tokenizer: Any, texts: Sequence[str], **settings: Any) -> CalibrationRun:
+    """The calibration model: a copy of ``model`` fine-tuned on non-toxic ``texts``
+    (:func:`non_toxic_texts`) by :func:`fine_tune_copy`, which takes the same ``settings``."""
+    return fine_tune_copy(model, tokenizer, texts, **settings)
+
+
+def fine_tune_copy(
     model: nn.Module,
     tokenizer: Any,
     texts: Sequence[str],
@@ -167,7 +178,8 @@ def train_calibration_model(
     seed: int = 0,
     progress: bool = False,
 ) -> CalibrationRun:
-    """Fine-tune a copy of ``model`` (all its weights) on ``texts`` with the plain LM loss: each text
+    """Fine-tune a copy of ``model`` (all its weights) on ``texts`` with the plain LM loss (the
+    calibration model on non-toxic text, DExperts' anti-expert on toxic text): each text
     is tokenized (special tokens as the tokenizer adds them), cut to ``max_length`` tokens and ended
     with the end-of-sequence token; batches of ``batch_size`` texts are drawn in a seeded shuffled
     order, ``steps`` AdamW steps. ``model`` is not changed; the copy is returned in eval mode, its

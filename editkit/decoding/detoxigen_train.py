@@ -49,12 +49,14 @@ KEEP_CHECKPOINTS = 2
 
 # -- data ----------------------------------------------------------------------------------------
 def load_toxic_texts(data_dir: str | Path | None = None, *, sources: Sequence[str] = TOXIC_SOURCES,
-                     limit: int | None = None) -> list[str]:
+                     limit: int | None = None, exclude_fold: str | tuple[int, int] | None = None) -> list[str]:
     """The toxic texts of the shared data: SafeEdit's ``unsafe generation`` of each record
     (``safeedit/safeedit_dev.json``) and ToxiGen's ``hate`` sentences
     (``toxigen/toxigen_demonstrations.jsonl``), exact repeats dropped, the sources interleaved (so
     that ``limit`` keeps some of each). ``data_dir``: the shared-data folder (default:
-    ``$EDITKIT_SHARED_DATA`` or ``../shared/data`` beside the repository)."""
+    ``$EDITKIT_SHARED_DATA`` or ``../shared/data`` beside the repository). ``exclude_fold``
+    (``"K/N"``): leave out every text of that fold (:func:`safeedit.toxicity_prompts.fold_texts`), so
+    the detoxifier can be scored on the fold's prompts (``detox-eval --fold K/N``)."""
     from editkit.probes.probe import load_safeedit_generations, load_toxigen
 
     loaders = {"safeedit": load_safeedit_generations, "toxigen": load_toxigen}
@@ -68,6 +70,10 @@ def load_toxic_texts(data_dir: str | Path | None = None, *, sources: Sequence[st
 
         data_dir = shared_data_dir()
     seen: set[str] = set()
+    if exclude_fold is not None:
+        from safeedit.toxicity_prompts import fold_texts, parse_fold
+
+        seen |= fold_texts(*parse_fold(exclude_fold), data_dir)  # already "seen": never taken
     per_source = []
     for source in dict.fromkeys(sources):
         texts = []
