@@ -41,7 +41,7 @@ from editkit.hooks import Trace
 from editkit.text import TokenBatch
 
 
-class _PassThrough(nn.Module):
+class PassThrough(nn.Module):
     """Stands in for a decoder layer below the edited one: returns its hidden-state input.
 
     It carries the replaced layer's plain attributes (not its weights): a model's layer loop may
@@ -92,7 +92,7 @@ def _row_lengths(batch: TokenBatch) -> list[int] | None:
     return lengths.tolist()
 
 
-def _replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+def replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (value, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": value}
@@ -160,7 +160,7 @@ class DeltaEditor:
         return output + linear_delta(x.float(), delta, self.arch.mlp_out_transposed).to(output.dtype)
 
     def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
-        return _replace_first_arg(args, kwargs, self._cache[self._current])
+        return replace_first_arg(args, kwargs, self._cache[self._current])
 
     def __enter__(self) -> DeltaEditor:
         try:
@@ -269,7 +269,7 @@ class DeltaEditor:
 
         self._stack.callback(restore)
         for i, module in enumerate(originals):
-            self.layers[i] = _PassThrough(self._as_tuple, module)
+            self.layers[i] = PassThrough(self._as_tuple, module)
 
     # -- forward ---------------------------------------------------------------------------------
     def logits(self, name: str) -> torch.Tensor:

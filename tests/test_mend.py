@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import editkit
-from editkit.arch import resolve_arch
+from editkit.arch import decoder_layers, resolve_arch
 from editkit.hooks import hook_count
 from editkit.instance import EditInstance
 from editkit.methods.mend import ArchiveError, MENDConfig, load_editor, train
@@ -21,7 +21,10 @@ from editkit.methods.mend.archive import read_archive, save_archive
 from editkit.methods.mend.editor import MENDEditor
 from editkit.methods.mend.examples import edit_pair
 from editkit.methods.mend.factors import gradient_factors, resolve_targets
-from editkit.methods.mend.training import score_records
+from editkit.methods.mend.examples import build_examples
+from editkit.methods.mend.factors import frozen
+from editkit.methods.mend.training import outer_loss, score_records
+from editkit.methods.mend.unedited import UneditedCache
 from editkit.models import tiny_model
 from editkit.text import encode_pairs
 
@@ -103,6 +106,52 @@ def test_zero_scale_gates_off_any_editor_network(tokenizer, instance) -> None:
             shape.scale.zero_()
         for name, delta in editor(factors).items():  # zero scale (and shift): the network is gated off
             torch.testing.assert_close(delta, plain[name], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_skipping_the_lower_layers_gives_the_full_forwards_loss_and_gradient(family, tokenizer) -> None:
+    """Meta-training runs from the lowest edited layer up, with the lower layers' state kept per
+    example: the outer loss and the editor's gradient are the full forward's, each example costs one
+    full forward per batch once, and the model's layers and hooks are as before (also after an error)."""
+    model = tiny_model(family)
+    arch = resolve_arch(model)
+    hp = MENDConfig(**{**QUICK, "layers": [-2], "constraint_pairs": 1, "max_length": 512})
+    examples = build_examples(model, tokenizer, _records(2), hp, pool=_records(4))
+    editor = MENDEditor(resolve_targets(model, arch, hp.layers), rank=8, n_hidden=1, lr=0.1, normalize=True, seed=0)
+    with torch.no_grad():
+        for shape in editor.editors.values():
+            for layer in shape.layers:
+                layer.U.normal_(std=0.1)  # a network that is not the identity
+    layers = list(decoder_layers(model, arch))
+    hooks = hook_count(model)
+
+    def loss_and_grads(cache):
+        editor.zero_grad(set_to_none=True)
+        total = 0.0
+        with frozen(model):
+            for example in examples:
+                loss, _, _ = outer_loss(model, arch, editor, example, hp, cache=cache)
+                loss.backward()
+                total += loss.item()
+        return total, {n: p.grad.clone() for n, p in editor.named_parameters() if p.grad is not None}
+
+    full = UneditedCache(model, arch, editor.targets)
+    full.enabled = False
+    cache = UneditedCache(model, arch, editor.targets)
+    assert cache.enabled and cache.layer == 2
+    expected, expected_grads = loss_and_grads(full)
+    got, grads = loss_and_grads(cache)
+    first_forwards = cache.forwards
+    again, _ = loss_and_grads(cache)
+    assert got == pytest.approx(expected, rel=1e-5) and again == pytest.approx(got, rel=1e-6)
+    assert set(grads) == set(expected_grads) and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # edit and outer batches hold the same pair: one entry for both, plus the locality batch
+    assert first_forwards == 2 * len(examples) and cache.forwards == first_forwards
+    with pytest.raises(RuntimeError, match="boom"), cache.skipping(examples[0].edit):
+        raise RuntimeError("boom")
+    assert list(decoder_layers(model, arch)) == layers and hook_count(model) == hooks
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

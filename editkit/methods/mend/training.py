@@ -3,6 +3,9 @@ the archive.
 
 One step, per record (``batch_records`` of them, gradients averaged):
 
+(Every pass runs from the lowest edited layer up: the layers below give the same state at every step,
+kept once per example with the unedited locality log-probs; :mod:`editkit.methods.mend.unedited`.)
+
 1. inner pass — NLL(safe | attack ⊕ suffix) through the unedited model, one forward and backward,
    gives each target weight's factors (u_t, δ_t) (:func:`~editkit.methods.mend.factors.gradient_factors`);
 2. the editor maps them to ΔW for every target (normalisation statistics updated with these tokens);
@@ -31,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,8 +46,8 @@ from editkit.methods.mend.archive import (ARCHIVE_DIR, STATE_DIR, base_fingerpri
 from editkit.methods.mend.config import MENDConfig
 from editkit.methods.mend.editor import MENDEditor, Stats
 from editkit.methods.mend.examples import Example, benign_answers, build_examples
-from editkit.methods.mend.factors import (answer_logits, deltas_added, frozen, gradient_factors, kl, nll,
-                                          resolve_targets)
+from editkit.methods.mend.factors import deltas_added, frozen, gradient_factors, kl, nll, resolve_targets
+from editkit.methods.mend.unedited import UneditedCache
 from editkit.patch import fingerprint_matches, model_info
 
 log = logging.getLogger(__name__)
@@ -74,36 +76,39 @@ class TrainResult:
 
 def outer_loss(
     model: nn.Module, arch: ArchMap, editor: MENDEditor, example: Example, hparams: MENDConfig, *,
-    stats: Stats | None = None, update_stats: bool = False,
+    stats: Stats | None = None, update_stats: bool = False, cache: UneditedCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, float], Stats | None]:
     """MEND's meta-training loss for one record, with gradient to the editor: (loss, its parts,
     the statistics it used). ``update_stats``: first merge this record's factors into ``stats``
-    (default: the editor's own), as training does; the editor itself is not changed."""
-    factors, nll_before = gradient_factors(model, arch, editor.targets, example.edit)
+    (default: the editor's own), as training does; the editor itself is not changed. ``cache``: what
+    the unedited model gives that no step changes, kept across calls (default: a new one, used once)."""
+    cache = cache if cache is not None else UneditedCache(model, arch, editor.targets)
+    with cache.skipping(example.edit):
+        factors, nll_before = gradient_factors(model, arch, editor.targets, example.edit)
     parts = {"edit_nll_before": float(nll_before)}
     if not all(bool(torch.isfinite(u).all() and torch.isfinite(d).all()) for u, d in factors.values()):
         return torch.tensor(math.nan), parts, stats
     if update_stats:
         stats = editor.updated_stats(stats if stats is not None else editor.current_stats(), factors)
-    with torch.no_grad():
-        reference = F.log_softmax(answer_logits(model, arch, example.locality), -1)  # the unedited model
+    reference = cache.reference(example.locality)  # the unedited model
     deltas = editor(factors, stats=stats)
     with deltas_added(model, editor.targets, deltas):
-        edit_nll = nll(answer_logits(model, arch, example.outer), example.outer)
-        locality = kl(reference, answer_logits(model, arch, example.locality))
+        edit_nll = nll(cache.logits(example.outer), example.outer)
+        locality = kl(reference, cache.logits(example.locality))
     loss = hparams.c_edit * edit_nll + hparams.c_loc * locality
     parts.update(edit_nll=edit_nll.item(), kl=locality.item())
     return loss, parts, stats
 
 
 def evaluate(model: nn.Module, arch: ArchMap, editor: MENDEditor, examples: Sequence[Example],
-             hparams: MENDConfig) -> dict[str, float]:
+             hparams: MENDConfig, *, cache: UneditedCache | None = None) -> dict[str, float]:
     """Mean outer loss and its parts over ``examples`` (no statistics updated, no gradient kept);
     a non-finite loss counts as inf."""
     totals: dict[str, float] = {}
+    cache = cache if cache is not None else UneditedCache(model, arch, editor.targets)
     for example in examples:
         with torch.no_grad():
-            loss, parts, _ = outer_loss(model, arch, editor, example, hparams)
+            loss, parts, _ = outer_loss(model, arch, editor, example, hparams, cache=cache)
         value = loss.item()
         for key, v in {"loss": value if math.isfinite(value) else math.inf, **parts}.items():
             totals[key] = totals.get(key, 0.0) + v / len(examples)
@@ -227,7 +232,7 @@ def train(
 
     def validate(examples: list[Example]) -> None:
         nonlocal best_state
-        scores = evaluate(model, arch, editor, examples, hp)
+        scores = evaluate(model, arch, editor, examples, hp, cache=cache)
         run["validations"].append({"step": run["step"], **scores})
         if run["best_val"] is None or scores["loss"] < run["best_val"]:
             run["best_val"], run["bad"] = scores["loss"], 0
@@ -237,6 +242,7 @@ def train(
             run["stopped"] = bool(hp.patience) and run["bad"] >= hp.patience
 
     order = RecordOrder(len(train_records), hp.batch_records, hp.seed)
+    cache = UneditedCache(model, arch, targets)  # lower-layer states and references, once per example
     with frozen(model):
         start = time.perf_counter()
         answers = benign_answers(model, tokenizer, train_records + val_records, hp)
@@ -250,7 +256,8 @@ def train(
         bar = tqdm(total=hp.steps, initial=run["step"], desc="MEND meta-training", disable=not progress)
         try:
             while run["step"] < hp.steps and not run["stopped"]:
-                record = _step(model, arch, editor, optimizer, [train_examples[i] for i in order.at(run["step"])], hp)
+                record = _step(model, arch, editor, optimizer, [train_examples[i] for i in order.at(run["step"])], hp,
+                               cache)
                 record["step"] = run["step"]
                 run["history"].append(record)
                 run["nan_steps"] += int(record["skipped"])
@@ -292,14 +299,14 @@ def train(
 
 
 def _step(model: nn.Module, arch: ArchMap, editor: MENDEditor, optimizer: torch.optim.Optimizer,
-          examples: list[Example], hp: MENDConfig) -> dict[str, Any]:
+          examples: list[Example], hp: MENDConfig, cache: UneditedCache) -> dict[str, Any]:
     """One optimiser step over ``examples``; skipped (nothing applied) when anything is not finite."""
     optimizer.zero_grad(set_to_none=True)
     stats = editor.current_stats()
     totals: dict[str, float] = {}
     applied = True
     for example in examples:
-        loss, parts, stats = outer_loss(model, arch, editor, example, hp, stats=stats, update_stats=True)
+        loss, parts, stats = outer_loss(model, arch, editor, example, hp, stats=stats, update_stats=True, cache=cache)
         value = loss.item()
         for key, v in {"loss": value, **parts}.items():
             totals[key] = totals.get(key, 0.0) + v / len(examples)
