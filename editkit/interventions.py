@@ -13,7 +13,9 @@ The SafeEdit runner (and later the probe command and the toxicity evaluation) ta
 * :class:`CrossFitted` — a dataset-scope method (``fit``) trained on the records of the other folds
   and scored on this fold's, so no record is scored by a model trained on it (DESIGN §5); each
   fold's patch is saved under the run folder and reused when the run resumes (a fold whose fit was
-  interrupted resumes its training from the checkpoints in ``fold-k-of-n/training``).
+  interrupted resumes its training from the checkpoints in ``fold-k-of-n/training``);
+* :class:`CrossFittedEditor` — the same for an instance-scope method with a meta-trained editor
+  (MEND): each fold's editor is trained on the other folds, then edits this fold's records one by one.
 
 ``intervention.suffix`` is what it prescribes after every prompt at inference time (DINM's suffix);
 ``settings()`` is recorded in the run's config.json, so a resumed run cannot mix settings. A case's
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -231,6 +234,78 @@ class CrossFitted(Intervention):
             raise RuntimeError(f"record {instance.id} would be scored by a patch trained on it")
         with patch.applied(model):
             yield info
+
+
+class CrossFittedEditor(Intervention):
+    """An instance-scope method whose editor is meta-trained on records (MEND: its ``train`` writes
+    an archive, its settings name it in ``archive``), scored by k-fold cross-fitting by record id:
+    a record is edited, per instance, by an editor trained only on the other folds' records (a
+    ``val_fraction`` of those held apart for validation and early stopping). Each fold's training
+    runs in the run folder (``fold-k-of-n/training``: a rerun resumes or reuses it)."""
+
+    def __init__(self, method: str, hparams: HParams | Any = None, *, folds: int = 2, val_fraction: float = 0.1,
+                 **train_kwargs: Any) -> None:
+        spec = get_method(method)
+        self.hparams = load_hparams(spec.name, hparams)
+        if spec.scope != "instance" or not hasattr(spec.method_class, "train") or not hasattr(self.hparams, "archive"):
+            raise ValueError(f"{spec.name!r} has no meta-trained editor to cross-fit (an instance-scope method with "
+                             "train() and an 'archive' setting, e.g. mend)")
+        if self.hparams.archive is not None:
+            raise ValueError(f"{spec.name} settings name an archive ({self.hparams.archive}); cross-fitting trains "
+                             "its own per fold: set archive to null, or score that archive with PerInstanceEdit")
+        if folds < 2:
+            raise ValueError("cross-fitting needs at least 2 folds")
+        self.method, self.folds, self.val_fraction, self.train_kwargs = spec.name, folds, val_fraction, train_kwargs
+        self.label, self.suffix = f"{spec.name} ({folds}-fold cross-fitted)", self.hparams.eval_suffix
+        self.pool: list[EditInstance] = []
+        self.folder: Path | None = None
+        self._fold_of: dict[str, int] = {}
+        self._editors: dict[int, tuple[PerInstanceEdit, set[str]]] = {}
+        self.progress = False
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "cross-fitted-editor", "method": self.method, "folds": self.folds,
+                "val_fraction": self.val_fraction, "hparams": self.hparams.to_dict()}
+
+    def prepare(self, pool: Sequence[EditInstance], folder: Path | None = None, *, progress: bool = False) -> None:
+        self.pool, self.progress = list(pool), progress
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix=f"editkit-{self.method}-"))
+        self._fold_of = folds_by_id(self.pool, self.folds)
+        self._editors.clear()
+
+    def editor_for(self, model: Any, tokenizer: Any, fold: int) -> tuple[PerInstanceEdit, set[str]]:
+        """(per-instance editing with fold ``fold``'s trained archive, the ids it was trained or
+        validated on), training it now unless the run folder already holds it."""
+        if fold not in self._editors:
+            from editkit.methods.mend.training import hold_out
+
+            others = [inst for inst in self.pool if self._fold_of[inst.id] != fold]
+            train, val = hold_out(others, self.val_fraction)
+            out = self.folder / f"fold-{fold}-of-{self.folds}" / "training"
+            log.info("cross-fitting: meta-training %s on %d records, validating on %d (all but fold %d)",
+                     self.method, len(train), len(val), fold)
+            trainer = get_method(self.method).method_class(self.hparams)
+            result = trainer.train(model, tokenizer, train, val, out_dir=out, progress=self.progress, **self.train_kwargs)
+            editing = PerInstanceEdit(self.method, self.hparams.replace(archive=str(result.archive)))
+            self._editors[fold] = (editing, {inst.id for inst in others})
+        return self._editors[fold]
+
+    @contextlib.contextmanager
+    def for_case(self, model: Any, tokenizer: Any, instance: EditInstance, *,
+                 constraint_pool: Sequence[EditInstance] = ()) -> Iterator[dict[str, Any]]:
+        if instance.id not in self._fold_of:
+            raise ValueError(f"record {instance.id!r} is not in the pool the folds were drawn from")
+        fold = self._fold_of[instance.id]
+        start = time.perf_counter()
+        trained_now = fold not in self._editors
+        editing, seen = self.editor_for(model, tokenizer, fold)
+        if instance.id in seen:
+            raise RuntimeError(f"record {instance.id} would be edited by an editor trained on it")
+        info: dict[str, Any] = {"fold": fold}
+        if trained_now:  # the runner keeps this out of the case's own seconds
+            info["setup_seconds"] = round(time.perf_counter() - start, 2)
+        with editing.for_case(model, tokenizer, instance, constraint_pool=constraint_pool) as row:
+            yield {**row, **info}
 
 
 class Decoding(Intervention):

@@ -12,16 +12,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default")
     p.add_argument("--device", default=None)
     p.add_argument("--method", default="none", help="'none' (vanilla) or a registered editing method; a dataset-scope "
-                   "method is scored by cross-fitting (--folds)")
+                   "method, or MEND without an archive, is scored by cross-fitting (--folds)")
     p.add_argument("--hparams", default=None, help="method settings: YAML path or a preset name (editkit/presets/<METHOD>/)")
     p.add_argument("--patch", default=None, help="a saved patch applied for every case (instead of --method)")
-    p.add_argument("--folds", type=int, default=2, help="dataset-scope methods: k-fold cross-fitting by record id")
+    p.add_argument("--folds", type=int, default=2, help="cross-fitted methods: k-fold cross-fitting by record id")
     p.add_argument("--detoxifier", default=None, help="a decoding-time detoxifier on every generation, alone or on "
                    "top of --method/--patch (editkit.decoding.list_detoxifiers())")
     p.add_argument("--detoxifier-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the detoxifier, e.g. anti_expert=PATH; repeatable")
-    p.add_argument("--fold", type=int, default=None, help="dataset-scope methods: score only the records of this fold "
-                   "(one process per fold fits one model each; instead of --shard)")
+    p.add_argument("--fold", type=int, default=None, help="cross-fitted methods: score only the records of this fold "
+                   "(one process per fold trains one model or editor each; instead of --shard)")
     p.add_argument("--data", default=None, help="SafeEdit JSON/JSONL file or zjunlp/SafeEdit (default: the shared dev records)")
     p.add_argument("--split", default="test", help="hub split")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")

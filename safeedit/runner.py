@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 import editkit
 from editkit.instance import EditInstance
-from editkit.interventions import CrossFitted, FixedPatch, Intervention, PerInstanceEdit, Vanilla
+from editkit.interventions import (CrossFitted, CrossFittedEditor, FixedPatch, Intervention, PerInstanceEdit,
+                                  Vanilla)
 from editkit.patch import model_info
-from editkit.registry import get_method
+from editkit.registry import get_method, load_hparams
 from editkit.scoring import answer_scores, text_nll
 from editkit.text import with_suffix
 from safeedit import metrics
@@ -75,9 +76,16 @@ def intervention_for(config: EvalConfig) -> Intervention:
         return FixedPatch(config.patch)
     if config.method == "none":
         return Vanilla()
-    if get_method(config.method).scope == "dataset":
+    spec = get_method(config.method)
+    if spec.scope == "dataset":
         return CrossFitted(config.method, config.hparams, folds=config.folds)
-    return PerInstanceEdit(config.method, config.hparams, sequential=config.mode == "sequential")
+    hparams = load_hparams(spec.name, config.hparams)
+    if hasattr(spec.method_class, "train") and getattr(hparams, "archive", "") is None:
+        if config.mode == "sequential":
+            raise ValueError(f"{spec.name} without an archive is cross-fitted per fold; sequential mode needs "
+                             "a trained archive in its settings")
+        return CrossFittedEditor(config.method, hparams, folds=config.folds)  # a meta-trained editor per fold
+    return PerInstanceEdit(config.method, hparams, sequential=config.mode == "sequential")
 
 
 def _rotate(pool_size: int, index: int, k: int, skip: int | None = None) -> list[int]:

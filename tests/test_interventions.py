@@ -238,3 +238,35 @@ def test_eval_cli_takes_a_detoxifier_by_name(tokenizer, safeedit_dev, tmp_path, 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["intervention"]["decoding"]["kind"] == "dexperts"
     assert read_cases(tmp_path)[0]["method"] == "none"
+
+
+def test_meta_trained_editor_is_cross_fitted_per_fold(tokenizer, cases, tmp_path) -> None:
+    """MEND without an archive: each fold's editor is meta-trained on the other fold's records in the
+    run folder, then edits this fold's records one by one; a rerun reuses the trained folds."""
+    from editkit.interventions import CrossFittedEditor
+    from editkit.methods.mend.archive import read_archive
+
+    quick = dict(layers=[-1], rank=8, lr=0.1, meta_lr=1e-2, val_every=1, benign_constraint=1,
+                 benign_answer_tokens=2, constraint_pairs=0, max_length=96, steps=2, batch_records=2)
+    assert isinstance(intervention_for(EvalConfig(method="mend")), CrossFittedEditor)
+    assert isinstance(intervention_for(EvalConfig(method="mend", hparams={**quick, "archive": str(tmp_path)})),
+                      PerInstanceEdit)  # an archive of one's own is used as it is
+    with pytest.raises(ValueError, match="no meta-trained editor"):
+        CrossFittedEditor("dinm")
+    model = tiny_model("llama")
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = EvalConfig(method="mend", hparams=quick, **FAST)
+    evaluate(model, tokenizer, cases, tmp_path, config, judge=KeywordJudge(), progress=False)
+    folds = folds_by_id(cases, 2)
+    rows = read_cases(tmp_path)
+    assert len(rows) == len(cases) and sum("setup_seconds" in row for row in rows) == 2
+    for row in rows:
+        assert row["fold"] == folds[row["id"]] and row["edit_seconds"] > 0
+        _, meta = read_archive(tmp_path / f"fold-{row['fold']}-of-2" / "training" / "archive")
+        seen = meta["training"]["train_records"] + meta["training"]["val_records"]
+        assert row["id"] not in seen and {folds[i] for i in seen} == {1 - row["fold"]}
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())  # model given back
+    (tmp_path / "cases.jsonl").write_text("")
+    evaluate(model, tokenizer, cases, tmp_path, config, judge=KeywordJudge(), progress=False)
+    _, meta = read_archive(tmp_path / "fold-0-of-2" / "training" / "archive")
+    assert meta["training"]["resumed_from_step"] == 2  # the finished training was reused, not redone

@@ -51,23 +51,11 @@ def overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def hold_out(records: list, fraction: float) -> tuple[list, list]:
-    """(train, validation): every k-th record by sorted id (k = round(1 / fraction)) is held apart."""
-    if fraction <= 0:
-        return records, []
-    if fraction >= 1:
-        raise ValueError(f"--val-fraction must be below 1, got {fraction}")
-    k = max(2, round(1 / fraction))
-    ids = sorted({r.id for r in records}, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
-    held = {record_id for n, record_id in enumerate(ids) if n % k == k - 1}
-    return [r for r in records if r.id not in held], [r for r in records if r.id in held]
-
-
 def run_train_mend(args: argparse.Namespace) -> int:
     import torch
 
     import editkit
-    from editkit.methods.mend.training import train
+    from editkit.methods.mend.training import hold_out, train
     from safeedit.dataset import load_safeedit
 
     if args.threads is not None:

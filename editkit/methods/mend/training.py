@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from editkit.arch import ArchMap, resolve_arch
 from editkit.devices import real_values
-from editkit.instance import EditInstance
+from editkit.instance import EditInstance, id_ranks
 from editkit.methods.lora import _peak_rss_mb, records_digest
 from editkit.methods.mend.archive import (ARCHIVE_DIR, STATE_DIR, base_fingerprint, load_state, optimizer_state,
                                           restore_optimizer, save_archive, save_state, split_prefix, with_prefix)
@@ -121,6 +121,17 @@ def score_records(model: nn.Module, tokenizer: Any, editor: MENDEditor, records:
     arch = resolve_arch(model, arch)
     with frozen(model):
         return evaluate(model, arch, editor, build_examples(model, tokenizer, records, hparams, pool=records), hparams)
+
+
+def hold_out(records: Sequence[EditInstance], fraction: float) -> tuple[list[EditInstance], list[EditInstance]]:
+    """(train, validation): every k-th record by sorted id (k = round(1 / fraction)) is held apart."""
+    if fraction <= 0:
+        return list(records), []
+    if fraction >= 1:
+        raise ValueError(f"the validation fraction must be below 1, got {fraction}")
+    k = max(2, round(1 / fraction))
+    held = {record_id for record_id, n in id_ranks(r.id for r in records).items() if n % k == k - 1}
+    return [r for r in records if r.id not in held], [r for r in records if r.id in held]
 
 
 class RecordOrder:
