@@ -169,6 +169,44 @@ def test_generate_uses_the_loop_and_matches_hf(family: str, monkeypatch: pytest.
     assert len(set(texts)) > 1
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sampling_in_the_loop_draws_what_generate_draws(model_type: str) -> None:
+    """k samples of one prompt (the toxicity evaluation's shape): the loop prefills the prompt once,
+    applies generate's warpers after the processors and draws from the same global generator, so a
+    seeded run gives generate's samples token for token."""
+    model = _model(model_type)
+    prompt = _prompts()[0]
+    sampling = dict(temperature=0.8, top_k=0, top_p=0.9)
+    options = {"do_sample": True, "eos_token_id": EOS, **sampling}
+    assert loop_blocker(model, options, 200) is None
+    assert "sampling without" in loop_blocker(model, {"do_sample": True, "eos_token_id": EOS, "top_p": 0.9}, 200)
+    torch.manual_seed(11)
+    got = greedy_decode(model, [prompt] * 6, max_new_tokens=5, eos_token_id=EOS, suppress_tokens=NO_SPECIALS,
+                        sampling=sampling)
+    torch.manual_seed(11)
+    x = torch.tensor([prompt] * 6)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=5, pad_token_id=PAD,
+                         suppress_tokens=NO_SPECIALS, **options)
+    assert got == out[:, len(prompt):].tolist()
+    assert len({tuple(g) for g in got}) > 1  # samples, not six copies of one continuation
+    greedy = greedy_decode(model, [prompt], max_new_tokens=5, eos_token_id=EOS, suppress_tokens=NO_SPECIALS)
+    assert greedy_decode(model, [prompt] * 2, max_new_tokens=5, eos_token_id=EOS, suppress_tokens=NO_SPECIALS,
+                         sampling=dict(temperature=1.0, top_k=1, top_p=1.0)) == greedy * 2  # top-1 is greedy
+
+
+def test_generate_samples_in_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("llama")
+    tok = tiny_tokenizer()
+    spy = _Spy(model)
+    monkeypatch.setattr(model, "generate", spy)
+    kwargs = dict(max_new_tokens=4, batch_size=4, do_sample=True, temperature=1.0, top_p=0.9, top_k=0)
+    torch.manual_seed(0)
+    first = editkit.generate(model, tok, [TEXTS[0]] * 4, **kwargs)
+    torch.manual_seed(0)
+    assert editkit.generate(model, tok, [TEXTS[0]] * 4, **kwargs) == first  # seeded: repeatable
+    assert spy.calls == 0 and len(set(first)) > 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "reason"),
     [

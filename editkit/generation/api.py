@@ -79,12 +79,14 @@ def generate(
         blocker = "an empty prompt"
     if blocker is None and detoxifier is not None and not detoxifier.runs_in_greedy_loop:
         blocker = f"{type(detoxifier).__name__} needs every row in every forward"
+    sampling = ({k: options[k] for k in ("temperature", "top_k", "top_p")}
+                if blocker is None and options.get("do_sample") else None)
     with detoxifier.active(model) if detoxifier is not None else contextlib.nullcontext():
         if blocker is None:
             for batch in tqdm(fixed_batches(order, batch_size), desc="generate", disable=not progress, leave=False):
                 new = greedy_decode(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
                                     eos_token_id=options["eos_token_id"], suppress_tokens=options.get("suppress_tokens"),
-                                    detoxifier=detoxifier)
+                                    detoxifier=detoxifier, sampling=sampling)
                 for i, ids in zip(batch, new):
                     out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             return out

@@ -1,4 +1,5 @@
-"""A greedy decoding loop of our own, for batches of prompts of very different lengths.
+"""A decoding loop of our own (greedy, or sampling with generate's warpers), for batches of prompts of
+very different lengths, or many samples of one prompt.
 
 ``model.generate`` on a left-padded batch prefills every row at the batch's full width (the padding
 is computed, and the padding mask keeps attention off its fastest kernel) and grows its key/value
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from editkit.generation.detoxifier import Detoxifier
 
 __all__ = ["CACHE_KEYWORDS", "LOOP_MODEL_TYPES", "MIN_SHARED_PREFIX", "cache_keyword", "eos_ids", "greedy_decode",
-           "loop_blocker"]
+           "loop_blocker", "sampling_warpers"]
 
 LOOP_MODEL_TYPES = SLAB_MODEL_TYPES
 # ``generate`` options the loop honours; any other option (sampling, beams, penalties...) falls back.
@@ -50,6 +51,27 @@ _CONFIG_FIELDS = ("num_beams", "num_beam_groups", "penalty_alpha", "repetition_p
                   "cache_implementation", "renormalize_logits", "token_healing", "dola_layers")
 
 
+# sampling warpers the loop applies (as generate does, after the processors), and the generation-config
+# fields that would add another one
+_WARPERS = ("temperature", "top_k", "top_p")
+_SAMPLING_FIELDS = ("top_h", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> list[Any]:
+    """The warpers ``generate`` adds for ``do_sample=True`` with these settings, in its order
+    (temperature, top-k, top-p; each only where it changes anything), from transformers."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers: list[Any] = []
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers
+
+
 def loop_blocker(model: Any, options: Mapping[str, Any], max_length: int) -> str | None:
     """Why :func:`greedy_decode` may not stand in for ``model.generate(**options)`` on sequences
     of up to ``max_length`` tokens, or None when it may."""
@@ -59,10 +81,13 @@ def loop_blocker(model: Any, options: Mapping[str, Any], max_length: int) -> str
     unknown = sorted(set(options) - _LOOP_OPTIONS)
     if unknown:
         return f"generation options {unknown}"
-    if options.get("do_sample") or options.get("use_cache", True) is False:
-        return "sampling or no cache"
-    if any(options.get(k) is not None for k in ("temperature", "top_p", "top_k")):
-        return "temperature/top_p/top_k given"
+    if options.get("use_cache", True) is False:
+        return "no cache"
+    if options.get("do_sample"):
+        if any(options.get(k) is None for k in _WARPERS):
+            return "sampling without explicit temperature, top_p and top_k (generate would read the model's defaults)"
+    elif any(options.get(k) is not None for k in _WARPERS):
+        return "temperature/top_p/top_k given without sampling"
     if eos_ids(options.get("eos_token_id")) is None:
         return "no end-of-sequence token"
     gen_config = getattr(model, "generation_config", None)
@@ -70,7 +95,8 @@ def loop_blocker(model: Any, options: Mapping[str, Any], max_length: int) -> str
         from transformers import GenerationConfig
 
         default = GenerationConfig()
-        changed = [f for f in _CONFIG_FIELDS if getattr(gen_config, f, None) != getattr(default, f, None)]
+        fields = _CONFIG_FIELDS + (_SAMPLING_FIELDS if options.get("do_sample") else ())
+        changed = [f for f in fields if getattr(gen_config, f, None) != getattr(default, f, None)]
         if changed:
             return f"the model's generation config sets {changed}"
     return None
@@ -93,10 +119,16 @@ def greedy_decode(
     suppress_tokens: Sequence[int] | None = None,
     min_shared_prefix: int = MIN_SHARED_PREFIX,
     detoxifier: Detoxifier | None = None,
+    sampling: Mapping[str, float] | None = None,
 ) -> list[list[int]]:
     """Greedy continuations of the token-id ``prompts`` (one batch), as ``model.generate`` would
     give them one prompt at a time: at most ``max_new_tokens`` ids each, ending at the first
     end-of-sequence id (included). Check :func:`loop_blocker` first.
+
+    ``sampling`` (``temperature``, ``top_k``, ``top_p``): sample instead, as ``generate(do_sample=True,
+    ...)`` does: the same warpers after the processors, one ``torch.multinomial`` draw per row and
+    step from the global generator (seed it for repeatable samples). Identical prompts of a batch
+    (k samples of one prompt) are prefilled once.
 
     With a ``detoxifier``, each step's scores go through ``detoxifier.step`` after the suppressed
     tokens are masked and before the argmax (the order of ``generate``'s processors, where it would
@@ -111,14 +143,20 @@ def greedy_decode(
     stop = torch.tensor(eos_ids(eos_token_id) or [], dtype=torch.long, device=device)
     suppress = torch.tensor(list(suppress_tokens or []), dtype=torch.long, device=device)
 
+    warpers = sampling_warpers(**sampling) if sampling is not None else None
+
     def pick(logits: torch.Tensor, fed: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-        """[rows, vocab] -> [rows], as generate's greedy step (processors, then argmax)."""
+        """[rows, vocab] -> [rows], as generate's step (processors, then argmax or warpers and a draw)."""
         scores = logits.float()
         if suppress.numel():
             scores = scores.index_fill(-1, suppress, float("-inf"))
         if detoxifier is not None:
             scores = detoxifier.step(scores, fed, rows)
-        return scores.argmax(-1)
+        if warpers is None:
+            return scores.argmax(-1)
+        for warp in warpers:
+            scores = warp(None, scores)
+        return torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)
 
     batch = SlabBatch(model, prompts, new_tokens=max_new_tokens, min_shared_prefix=min_shared_prefix)
     active = torch.arange(len(prompts), device=device)  # original row of each batch row
