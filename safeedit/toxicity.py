@@ -109,7 +109,13 @@ def continuation_nll(
 ) -> list[tuple[float, int]]:
     """(summed NLL, token count) of each continuation's tokens after ``prompt``, encoded as
     ``editkit.generate`` encodes a prompt (:func:`editkit.text.prompt_ids`); the prompt loses its
-    start when the pair would exceed ``max_length``. An empty continuation gives ``(0.0, 0)``."""
+    start when the pair would exceed ``max_length``. An empty continuation gives ``(0.0, 0)``.
+
+    The k continuations of one prompt share it: where the decoding loop's cache runs the model
+    (:func:`editkit.generation.incremental.architecture_blocker`), the prompt is run once per batch and
+    the continuations are fed token by token from its cache (the LM head only at their positions);
+    elsewhere each (prompt, continuation) sequence runs whole."""
+    from editkit.generation.incremental import architecture_blocker
     from editkit.text import pad_id, pad_right, prompt_ids
 
     device = next(model.parameters()).device
@@ -119,6 +125,14 @@ def continuation_nll(
     tails = [tokenizer(c, add_special_tokens=False).input_ids[: max_length - 1] if c else [] for c in continuations]
     out: list[tuple[float, int]] = [(0.0, 0)] * len(tails)
     todo = [i for i, t in enumerate(tails) if t]
+    longest = max((len(tails[i]) for i in todo), default=0)
+    if todo and architecture_blocker(model, min(len(head) + longest, max_length)) is None:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start: start + batch_size]
+            for i, value in zip(batch, _shared_prompt_nll(model, head, [tails[i] for i in batch], max_length,
+                                                          pad_id(tokenizer))):
+                out[i] = value
+        return out
     for start in range(0, len(todo), batch_size):
         batch = todo[start: start + batch_size]
         seqs = [head[-(max_length - len(tails[i])):] + tails[i] for i in batch]
@@ -129,6 +143,29 @@ def continuation_nll(
             n, end = len(tails[i]), len(seqs[row]) - 1
             out[i] = (float(nll[row, end - n: end].sum()), n)
     return out
+
+
+@torch.no_grad()
+def _shared_prompt_nll(model: Any, head: list[int], tails: list[list[int]], max_length: int,
+                       pad: int) -> list[tuple[float, int]]:
+    """(summed NLL, count) of each tail after the same ``head``: the head runs once (its duplicates
+    reuse its keys and values), then all tails are fed one position at a time."""
+    from editkit.generation.incremental import SlabBatch
+
+    steps = max(len(t) for t in tails)
+    head = head[-(max_length - steps):]  # the longest tail decides how much of the prompt fits
+    runner = SlabBatch(model, [head] * len(tails), new_tokens=steps)
+    logits = runner.prefill()  # [rows, vocab]: the prediction of each tail's first token
+    device = logits.device
+    lengths = torch.tensor([len(t) for t in tails], device=device)
+    total = torch.zeros(len(tails), dtype=torch.float64, device=device)
+    for j in range(steps):
+        target = torch.tensor([t[j] if j < len(t) else pad for t in tails], device=device)
+        nll = F.cross_entropy(logits.float(), target, reduction="none")
+        total += torch.where(lengths > j, nll, torch.zeros_like(nll)).double()
+        if j + 1 < steps:
+            logits = runner.advance(target)
+    return [(float(v), len(t)) for v, t in zip(total.tolist(), tails)]
 
 
 # --------------------------------------------------------------------------- seams

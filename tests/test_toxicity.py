@@ -99,6 +99,34 @@ def test_continuation_nll_of_a_known_distribution(tokenizer):
     assert math.exp(nll / count) == pytest.approx(len(tokenizer))  # a uniform model's perplexity is |V|
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_continuation_nll_shares_the_prompt_and_equals_whole_sequences(family, tokenizer, monkeypatch):
+    """The k continuations of one prompt are scored from one run of the prompt: the same NLLs as
+    running every (prompt, continuation) sequence whole."""
+    from editkit.generation import incremental
+
+    model = tiny_model(family)
+    prompt, conts = "The weather today is", ["sunny and warm", "", "bad", "a very long continuation here"]
+    calls = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # keeps the signature the loop reads
+    def counting(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append(tuple(ids.shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    shared = continuation_nll(model, tokenizer, prompt, conts, batch_size=3)
+    longest_call = max(n * w for n, w in calls)  # the prompt ran once, not once per continuation
+    assert longest_call == max(w for _, w in calls)
+    monkeypatch.setattr(incremental, "architecture_blocker", lambda *a, **k: "forced")
+    whole = continuation_nll(model, tokenizer, prompt, conts, batch_size=3)
+    assert [c for _, c in shared] == [c for _, c in whole] and shared[1] == (0.0, 0)
+    for (a, _), (b, _) in zip(shared, whole):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+
+
 # --------------------------------------------------------------------------- prompt loaders
 
 
