@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -376,6 +377,16 @@ def load_patch(path: str | Path) -> Patch:
     return Patch.load(path)
 
 
+def _plain_permissions(folder: Path) -> None:
+    """The modes a plain ``mkdir``/``open`` would have given under the current umask: ``mkdtemp``
+    (and some writers) create owner-only folders and files, which a colleague could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [folder, *folder.rglob("*")]:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_dir(path: Path, write: Any, *, overwrite: bool = False) -> None:
     """Run ``write(tmp_dir)`` then move the folder to ``path`` in one rename. An existing ``path``
     is refused unless ``overwrite``; it is replaced only after the new folder is complete."""
@@ -388,6 +399,7 @@ def atomic_write_dir(path: Path, write: Any, *, overwrite: bool = False) -> None
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
+        _plain_permissions(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             old.rmdir()

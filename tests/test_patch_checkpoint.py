@@ -494,3 +494,25 @@ def test_half_precision_tied_weights_and_unknown_layouts(caplog) -> None:
         Patch.from_deltas(model, {norm: below_step(params[norm])}).apply(model)
     assert "no known layout" in caplog.text and "lost 100.0%" in caplog.text
     assert hook_count(model) == 0
+
+
+def test_saved_folders_are_readable_like_any_other(tmp_path: Path) -> None:
+    """An atomic write goes through a private temp folder; the result gets the modes a plain mkdir
+    and open would give under the umask, not owner-only ones."""
+    import os
+    import stat
+
+    from editkit.patch import atomic_write_dir
+
+    def write(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "a.bin").write_bytes(b"x")
+        os.chmod(folder / "sub" / "a.bin", 0o600)
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "f").write_bytes(b"x")
+    atomic_write_dir(tmp_path / "out", write)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "out") == mode(tmp_path / "out" / "sub") == mode(tmp_path / "plain")
+    assert mode(tmp_path / "out" / "sub" / "a.bin") == mode(tmp_path / "plain" / "f")
+
