@@ -248,7 +248,7 @@ def evaluate_toxicity(
     seed: int = 0, scorer: Any = "default", score_with_prompt: bool | None = None, chat_template: str | None = None,
     ref_model: Any = None, ref_tokenizer: Any = None, intervention: Any = None, detoxifier: Any = None,
     label: str | None = None, benign_check: bool = True, benign_max_new_tokens: int = 48, batch_size: int = 25,
-    progress: bool = True,
+    progress: bool = True, speed_prompts: int = 4,
 ) -> dict[str, Any]:
     """Sample ``k`` continuations per prompt, score them, write the run folder; returns the summary.
 
@@ -261,7 +261,9 @@ def evaluate_toxicity(
     a Patch, a saved patch folder or a record-free Intervention, applied around generation.
     ``detoxifier`` is passed to ``editkit.generate`` (NotImplementedError while it takes none).
     Samples are identical on a rerun with the same seed and ``batch_size``; finished prompts are
-    skipped when ``out_dir`` already holds rows of a run with the same settings.
+    skipped when ``out_dir`` already holds rows of a run with the same settings. ``speed_prompts``:
+    with an intervention or a detoxifier, the first so many prompts are decoded again with it and
+    plainly, interleaved, and the ratio of the times goes to ``speed.json`` (0: skip).
     """
     from tqdm.auto import tqdm
 
@@ -323,6 +325,14 @@ def evaluate_toxicity(
                        seconds=round(time.perf_counter() - start, 2), samples=[{"text": t, "toxicity": s, "nll": round(n, 4), "tokens": c}
                                 for t, s, (n, c) in zip(texts, tox, nll)])
             rows.add(row)
+    plain = isinstance(intervention, _vanilla_class()) and detoxifier is None
+    if speed_prompts and not plain and prompts.prompts and not (out / "speed.json").exists():
+        speed = decoding_speed(model, tokenizer, prompts.prompts[:speed_prompts], intervention=intervention,
+                               detox=detox, k=k, max_new_tokens=max_new_tokens, options=options, chat=chat,
+                               batch_size=batch_size, seed=seed)
+        tmp = out / "speed.json.tmp"
+        tmp.write_text(json.dumps(speed, indent=2), encoding="utf-8")
+        tmp.replace(out / "speed.json")
     if benign_check and not (out / "benign.json").exists():
         found = over_refusal(model, tokenizer, scorer, intervention=intervention, detoxifier=detoxifier,
                              max_new_tokens=benign_max_new_tokens, batch_size=batch_size)
@@ -330,6 +340,39 @@ def evaluate_toxicity(
         tmp.write_text(json.dumps(found, indent=2, ensure_ascii=False), encoding="utf-8")
         tmp.replace(out / "benign.json")
     return write_summary(out)
+
+
+def _vanilla_class() -> type:
+    from editkit.interventions import Vanilla
+
+    return Vanilla
+
+
+def decoding_speed(model: Any, tokenizer: Any, prompts: Sequence[ToxicityPrompt], *, intervention: Any,
+                   detox: Mapping[str, Any], k: int, max_new_tokens: int, options: Mapping[str, Any], chat: str,
+                   batch_size: int, seed: int) -> dict[str, Any]:
+    """Wall seconds of decoding k samples of each prompt with the intervention and detoxifier and
+    plainly (the unedited model, no suffix, no detoxifier), the two interleaved prompt by prompt in
+    this process so that both meet the same machine; ``decode_slowdown`` = with / plain."""
+    import editkit
+
+    timed = {"decode_seconds": 0.0, "plain_decode_seconds": 0.0}
+    with intervention.around_run(model):
+        for p in prompts:
+            for key in ("plain_decode_seconds", "decode_seconds"):
+                start = time.perf_counter()
+                with seeded(prompt_seed(seed, p), next(model.parameters()).device):
+                    if key == "decode_seconds":
+                        with intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
+                            editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, suffix=intervention.suffix, chat_template=chat,
+                                             **options, **detox)
+                    else:
+                        editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, chat_template=chat, **options)
+                timed[key] += time.perf_counter() - start
+    return {**{key: round(v, 3) for key, v in timed.items()}, "speed_prompts": len(prompts),
+            "decode_slowdown": round(timed["decode_seconds"] / timed["plain_decode_seconds"], 3)}
 
 
 def _default_label(intervention: Any, detoxifier: Any) -> str:
@@ -390,6 +433,8 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     if (run / "benign.json").exists():
         benign = json.loads((run / "benign.json").read_text(encoding="utf-8"))
         summary.update({key: v for key, v in benign.items() if key != "benign"})
+    if (run / "speed.json").exists():
+        summary.update(json.loads((run / "speed.json").read_text(encoding="utf-8")))
     return {"label": settings["label"], "prompts": settings["prompts"], "k": settings["config"]["k"],
             "max_new_tokens": settings["config"]["max_new_tokens"], "scorer": settings["scorer"],
             "ref_model": settings["ref_model"], **summary}
@@ -411,6 +456,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("emt_std", "± std", "{:.3f}"), ("toxicity_probability", "Tox. prob.", "{:.3f}"), ("ppl", "PPL", "{:.2f}"),
     ("dist-1", "Dist-1", "{:.3f}"), ("dist-2", "Dist-2", "{:.3f}"), ("dist-3", "Dist-3", "{:.3f}"),
     ("over_refusal", "Over-refusal %", "{:.1f}"), ("over_refusal_edgy", "Over-refusal edgy %", "{:.1f}"),
+    ("decode_slowdown", "Decoding × plain", "{:.2f}"),
 )
 
 
@@ -431,7 +477,9 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
             each = "; ".join(f"{n}: {s.get(key)}" for n, s in summaries.items())
             notes.append(f"**{what} differ between runs**: {each}")
     notes.append("toxicity probability: share of prompts with a sample scoring > 0.5; PPL: exp(mean token NLL) of "
-                 "the continuations given the prompt; distinct-n pooled over all generations of a run")
+                 "the continuations given the prompt; distinct-n pooled over all generations of a run; decoding × "
+                 "plain: wall time of decoding the first prompts' samples with the run's patch/detoxifier over plain "
+                 "decoding, interleaved in the same process (speed.json)")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 

@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "prompts a detoxifier trained with `editkit train ... --exclude-fold K/N` never saw")
     p.add_argument("--batch-size", type=int, default=25)
     p.add_argument("--no-benign", action="store_true", help="skip the over-refusal check on benign requests")
+    p.add_argument("--speed-prompts", type=int, default=4, help="with --patch or --detoxifier: decode the first N "
+                   "prompts again with it and plainly, interleaved, for the decoding-speed ratio (0: skip)")
     p.add_argument("--compare", action="append", default=[], metavar="RUN",
                    help="a finished run folder drawn beside this run in OUT/compare/ (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -83,6 +85,7 @@ def run_detox_eval(args: argparse.Namespace) -> int:
             score_with_prompt={"auto": None, "yes": True, "no": False}[args.score_with_prompt],
             chat_template=args.chat_template, ref_model=ref, ref_tokenizer=ref_tok, intervention=args.patch,
             detoxifier=detoxifier, label=args.label, benign_check=not args.no_benign, batch_size=args.batch_size,
+            speed_prompts=args.speed_prompts,
         )
     except NotImplementedError as err:
         print(f"error: {err}", file=sys.stderr)

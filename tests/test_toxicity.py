@@ -298,6 +298,11 @@ def test_a_patch_changes_the_samples_and_perplexity_uses_the_plain_model(tokeniz
     assert summary["label"] != "vanilla"
     config = json.loads((tmp_path / "patched" / "config.json").read_text())
     assert config["intervention"]["kind"] == "fixed-patch" and "generating model" in config["ref_model"]
+    speed = json.loads((tmp_path / "patched" / "speed.json").read_text())  # decoding with the patch vs plain
+    assert speed["speed_prompts"] == len(PROMPTS) and speed["decode_seconds"] > 0 and speed["plain_decode_seconds"] > 0
+    assert summary["decode_slowdown"] == pytest.approx(speed["decode_seconds"] / speed["plain_decode_seconds"], rel=1e-2)
+    assert not (tmp_path / "plain" / "speed.json").exists()  # nothing to compare plain decoding with
+    assert "Decoding × plain" in (tmp_path / "patched" / "table.md").read_text()
     row = rows_of(tmp_path / "patched")[0]
     again = continuation_nll(model, tokenizer, row["prompt"], [s["text"] for s in row["samples"]])
     assert [s["nll"] for s in row["samples"]] == pytest.approx([n for n, _ in again], abs=1e-3)
