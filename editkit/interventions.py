@@ -236,6 +236,12 @@ class CrossFitted(Intervention):
             yield info
 
 
+def has_trained_editor(spec: Any, hparams: Any) -> bool:
+    """Whether an instance-scope method edits with a meta-trained editor (``train()`` and an
+    ``archive`` setting, e.g. MEND)."""
+    return spec.scope == "instance" and hasattr(spec.method_class, "train") and hasattr(hparams, "archive")
+
+
 class CrossFittedEditor(Intervention):
     """An instance-scope method whose editor is meta-trained on records (MEND: its ``train`` writes
     an archive, its settings name it in ``archive``), scored by k-fold cross-fitting by record id:
@@ -247,7 +253,7 @@ class CrossFittedEditor(Intervention):
                  **train_kwargs: Any) -> None:
         spec = get_method(method)
         self.hparams = load_hparams(spec.name, hparams)
-        if spec.scope != "instance" or not hasattr(spec.method_class, "train") or not hasattr(self.hparams, "archive"):
+        if not has_trained_editor(spec, self.hparams):
             raise ValueError(f"{spec.name!r} has no meta-trained editor to cross-fit (an instance-scope method with "
                              "train() and an 'archive' setting, e.g. mend)")
         if self.hparams.archive is not None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import editkit
 from editkit.instance import EditInstance
 from editkit.interventions import (CrossFitted, CrossFittedEditor, FixedPatch, Intervention, PerInstanceEdit,
-                                  Vanilla)
+                                  Vanilla, has_trained_editor)
 from editkit.patch import model_info
 from editkit.registry import get_method, load_hparams
 from editkit.scoring import answer_scores, text_nll
@@ -80,7 +80,7 @@ def intervention_for(config: EvalConfig) -> Intervention:
     if spec.scope == "dataset":
         return CrossFitted(config.method, config.hparams, folds=config.folds)
     hparams = load_hparams(spec.name, config.hparams)
-    if hasattr(spec.method_class, "train") and getattr(hparams, "archive", "") is None:
+    if has_trained_editor(spec, hparams) and hparams.archive is None:
         if config.mode == "sequential":
             raise ValueError(f"{spec.name} without an archive is cross-fitted per fold; sequential mode needs "
                              "a trained archive in its settings")

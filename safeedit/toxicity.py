@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from editkit.generation.seeding import seeded
 from safeedit import metrics
+from safeedit.toxicity_nll import continuation_nll, perplexity
 from safeedit.toxicity_prompts import PromptSet, ToxicityPrompt, load_prompts
 
 log = logging.getLogger(__name__)
@@ -92,80 +91,6 @@ def toxicity_metrics(scores: Sequence[Sequence[float]], threshold: float = THRES
 def distinct_scores(texts: Sequence[str], ns: Sequence[int] = (1, 2, 3)) -> dict[str, float]:
     """``{"dist-n": distinct-n}`` pooled over ``texts`` (:func:`safeedit.metrics.distinct_n`)."""
     return {f"dist-{n}": metrics.distinct_n(texts, n) for n in ns}
-
-
-def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> float:
-    """exp(total NLL / total tokens); NaN when there is no token."""
-    if len(nll_sums) != len(token_counts):
-        raise ValueError(f"got {len(nll_sums)} NLL sums but {len(token_counts)} token counts")
-    tokens = sum(int(c) for c in token_counts)
-    return math.exp(sum(float(s) for s in nll_sums) / tokens) if tokens else float("nan")
-
-
-@torch.no_grad()
-def continuation_nll(
-    model: Any, tokenizer: Any, prompt: str, continuations: Sequence[str], *, chat_template: str = "raw",
-    batch_size: int = 8, max_length: int = 2048,
-) -> list[tuple[float, int]]:
-    """(summed NLL, token count) of each continuation's tokens after ``prompt``, encoded as
-    ``editkit.generate`` encodes a prompt (:func:`editkit.text.prompt_ids`); the prompt loses its
-    start when the pair would exceed ``max_length``. An empty continuation gives ``(0.0, 0)``.
-
-    The k continuations of one prompt share it: where the decoding loop's cache runs the model
-    (:func:`editkit.generation.incremental.architecture_blocker`), the prompt is run once per batch and
-    the continuations are fed token by token from its cache (the LM head only at their positions);
-    elsewhere each (prompt, continuation) sequence runs whole."""
-    from editkit.generation.incremental import architecture_blocker
-    from editkit.text import pad_id, pad_right, prompt_ids
-
-    device = next(model.parameters()).device
-    window = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-    max_length = min(max_length, window) if window else max_length
-    head = prompt_ids(tokenizer, prompt, chat_template)  # type: ignore[arg-type]
-    tails = [tokenizer(c, add_special_tokens=False).input_ids[: max_length - 1] if c else [] for c in continuations]
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(tails)
-    todo = [i for i, t in enumerate(tails) if t]
-    longest = max((len(tails[i]) for i in todo), default=0)
-    if todo and architecture_blocker(model, min(len(head) + longest, max_length)) is None:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start: start + batch_size]
-            for i, value in zip(batch, _shared_prompt_nll(model, head, [tails[i] for i in batch], max_length,
-                                                          pad_id(tokenizer))):
-                out[i] = value
-        return out
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start: start + batch_size]
-        seqs = [head[-(max_length - len(tails[i])):] + tails[i] for i in batch]
-        ids, mask = pad_right(seqs, pad_id(tokenizer))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device), reduction="none")
-        for row, i in enumerate(batch):  # [seq-1]: the last len(tail) targets are the continuation's
-            n, end = len(tails[i]), len(seqs[row]) - 1
-            out[i] = (float(nll[row, end - n: end].sum()), n)
-    return out
-
-
-@torch.no_grad()
-def _shared_prompt_nll(model: Any, head: list[int], tails: list[list[int]], max_length: int,
-                       pad: int) -> list[tuple[float, int]]:
-    """(summed NLL, count) of each tail after the same ``head``: the head runs once (its duplicates
-    reuse its keys and values), then all tails are fed one position at a time."""
-    from editkit.generation.incremental import SlabBatch
-
-    steps = max(len(t) for t in tails)
-    head = head[-(max_length - steps):]  # the longest tail decides how much of the prompt fits
-    runner = SlabBatch(model, [head] * len(tails), new_tokens=steps)
-    logits = runner.prefill()  # [rows, vocab]: the prediction of each tail's first token
-    device = logits.device
-    lengths = torch.tensor([len(t) for t in tails], device=device)
-    total = torch.zeros(len(tails), dtype=torch.float64, device=device)
-    for j in range(steps):
-        target = torch.tensor([t[j] if j < len(t) else pad for t in tails], device=device)
-        nll = F.cross_entropy(logits.float(), target, reduction="none")
-        total += torch.where(lengths > j, nll, torch.zeros_like(nll)).double()
-        if j + 1 < steps:
-            logits = runner.advance(target)
-    return [(float(v), len(t)) for v, t in zip(total.tolist(), tails)]
 
 
 # --------------------------------------------------------------------------- seams
@@ -267,7 +192,7 @@ def evaluate_toxicity(
     """
     from tqdm.auto import tqdm
 
-    import editkit
+    from editkit.interventions import Vanilla
     from editkit.patch import model_info
     from editkit.text import with_suffix
     from safeedit.runner import CaseLog
@@ -305,15 +230,12 @@ def evaluate_toxicity(
     todo = [p for p in prompts.prompts if p.id not in rows.rows]
     if len(todo) < len(prompts):
         log.info("resuming: %d of %d prompts already done", len(prompts) - len(todo), len(prompts))
-    device = next(model.parameters()).device
     options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
     with intervention.around_run(model):
         for p in tqdm(todo, desc=f"toxicity {label}", unit="prompt", disable=not progress):
             start = time.perf_counter()
-            with seeded(prompt_seed(seed, p), device), intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
-                texts = editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size, suffix=intervention.suffix, chat_template=chat,
-                                         **options, **detox)
+            texts = _samples(model, tokenizer, p, intervention=intervention, detox=detox, k=k, seed=seed,
+                             max_new_tokens=max_new_tokens, options=options, chat=chat, batch_size=batch_size)
             tox = scorer.score(texts, [p.text] * k if with_prompt else None)
             # outside the intervention: with ref_model=None the plain model grades the fluency
             nll = continuation_nll(ref, ref_tok, with_suffix(p.text, intervention.suffix), texts,
@@ -325,7 +247,7 @@ def evaluate_toxicity(
                        seconds=round(time.perf_counter() - start, 2), samples=[{"text": t, "toxicity": s, "nll": round(n, 4), "tokens": c}
                                 for t, s, (n, c) in zip(texts, tox, nll)])
             rows.add(row)
-    plain = isinstance(intervention, _vanilla_class()) and detoxifier is None
+    plain = isinstance(intervention, Vanilla) and detoxifier is None
     if speed_prompts and not plain and prompts.prompts and not (out / "speed.json").exists():
         speed = decoding_speed(model, tokenizer, prompts.prompts[:speed_prompts], intervention=intervention,
                                detox=detox, k=k, max_new_tokens=max_new_tokens, options=options, chat=chat,
@@ -342,10 +264,17 @@ def evaluate_toxicity(
     return write_summary(out)
 
 
-def _vanilla_class() -> type:
-    from editkit.interventions import Vanilla
+def _samples(model: Any, tokenizer: Any, prompt: ToxicityPrompt, *, intervention: Any, detox: Mapping[str, Any],
+             k: int, seed: int, max_new_tokens: int, options: Mapping[str, Any], chat: str,
+             batch_size: int) -> list[str]:
+    """The ``k`` samples of ``prompt`` (seeded by prompt) under ``intervention`` and the detoxifier."""
+    import editkit
 
-    return Vanilla
+    with seeded(prompt_seed(seed, prompt), next(model.parameters()).device), \
+            intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
+        return editkit.generate(model, tokenizer, [prompt.text] * k, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, suffix=intervention.suffix, chat_template=chat,
+                                **options, **detox)
 
 
 def decoding_speed(model: Any, tokenizer: Any, prompts: Sequence[ToxicityPrompt], *, intervention: Any,
@@ -354,22 +283,16 @@ def decoding_speed(model: Any, tokenizer: Any, prompts: Sequence[ToxicityPrompt]
     """Wall seconds of decoding k samples of each prompt with the intervention and detoxifier and
     plainly (the unedited model, no suffix, no detoxifier), the two interleaved prompt by prompt in
     this process so that both meet the same machine; ``decode_slowdown`` = with / plain."""
-    import editkit
+    from editkit.interventions import Vanilla
 
-    timed = {"decode_seconds": 0.0, "plain_decode_seconds": 0.0}
+    runs = {"plain_decode_seconds": (Vanilla(), {}), "decode_seconds": (intervention, detox)}
+    timed = dict.fromkeys(runs, 0.0)
     with intervention.around_run(model):
         for p in prompts:
-            for key in ("plain_decode_seconds", "decode_seconds"):
+            for key, (applied, extra) in runs.items():
                 start = time.perf_counter()
-                with seeded(prompt_seed(seed, p), next(model.parameters()).device):
-                    if key == "decode_seconds":
-                        with intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
-                            editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size, suffix=intervention.suffix, chat_template=chat,
-                                             **options, **detox)
-                    else:
-                        editkit.generate(model, tokenizer, [p.text] * k, max_new_tokens=max_new_tokens,
-                                         batch_size=batch_size, chat_template=chat, **options)
+                _samples(model, tokenizer, p, intervention=applied, detox=extra, k=k, seed=seed,
+                         max_new_tokens=max_new_tokens, options=options, chat=chat, batch_size=batch_size)
                 timed[key] += time.perf_counter() - start
     return {**{key: round(v, 3) for key, v in timed.items()}, "speed_prompts": len(prompts),
             "decode_slowdown": round(timed["decode_seconds"] / timed["plain_decode_seconds"], 3)}

@@ -69,16 +69,16 @@ def load_toxic_texts(data_dir: str | Path | None = None, *, sources: Sequence[st
         from safeedit.dataset import shared_data_dir
 
         data_dir = shared_data_dir()
+    from safeedit.toxicity_prompts import fold_texts, parse_fold, text_key
+
     seen: set[str] = set()
     if exclude_fold is not None:
-        from safeedit.toxicity_prompts import fold_texts, parse_fold
-
         seen |= fold_texts(*parse_fold(exclude_fold), data_dir)  # already "seen": never taken
     per_source = []
     for source in dict.fromkeys(sources):
         texts = []
         for item in loaders[source](data_dir):
-            key = " ".join(item.text.split()).lower()
+            key = text_key(item.text)
             if item.label == 1 and key not in seen:
                 seen.add(key)
                 texts.append(item.text)
