@@ -21,7 +21,8 @@ the offline default, the keyword rules, or any HF classifier). Reported over a r
   that of the held-out reporting part; the tuning part's is kept beside it.
 
 A run folder holds config.json (settings; a resumed run must match), prompts.jsonl (one row per
-finished prompt, written as it finishes, skipped on a rerun), benign.json, summary.json, table.md
+finished prompt, written as it finishes, skipped on a rerun; a prompt of the shared data by its id
+only), benign.json, summary.json, table.md
 and tox_vs_ppl.png. :func:`report` puts several run folders in one table and one plot.
 """
 from __future__ import annotations
@@ -240,7 +241,7 @@ def evaluate_toxicity(
             # outside the intervention: with ref_model=None the plain model grades the fluency
             nll = continuation_nll(ref, ref_tok, with_suffix(p.text, intervention.suffix), texts,
                                    chat_template=chat, batch_size=batch_size)
-            row: dict[str, Any] = {"id": p.id, "prompt": p.text}
+            row: dict[str, Any] = {"id": p.id, **({"prompt": p.text} if prompts.store_text else {})}
             if prompts.group_key:
                 row["group"] = p.meta.get(prompts.group_key)
             row.update(max_toxicity=max(tox), toxic=max(tox) > THRESHOLD,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,12 +54,15 @@ class ToxicityPrompt:
 @dataclass
 class PromptSet:
     """Prompts of one source. ``kind`` sets the defaults of chat template and scoring context;
-    ``group_key`` names the metadata field the summary breaks results down by (or None)."""
+    ``group_key`` names the metadata field the summary breaks results down by (or None);
+    ``store_text`` False for prompts of the shared data: a run's rows keep their ids only, so that
+    the texts stay in the shared data and out of any result folder that gets committed."""
 
     prompts: list[ToxicityPrompt]
     source: str
     kind: PromptKind = "continuation"
     group_key: str | None = None
+    store_text: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("continuation", "request"):
@@ -78,7 +81,7 @@ class PromptSet:
             return self
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
-        return PromptSet(self.prompts[:limit], self.source, self.kind, self.group_key)
+        return replace(self, prompts=self.prompts[:limit])
 
     def fold(self, fold: int, folds: int) -> PromptSet:
         """The prompts of fold ``fold`` of ``folds`` (``rank % folds == fold``; see the module docstring).
@@ -89,7 +92,7 @@ class PromptSet:
             raise ValueError(f"{self.source}: prompt {unranked[0]!r} has no fold; only the SafeEdit and ToxiGen "
                              "prompts of the shared data are dealt into folds")
         kept = [p for p in self.prompts if p.meta["rank"] % folds == fold]
-        return PromptSet(kept, f"{self.source} (fold {fold}/{folds})", self.kind, self.group_key)
+        return replace(self, prompts=kept, source=f"{self.source} (fold {fold}/{folds})")
 
 
 def parse_fold(spec: str | tuple[int, int]) -> tuple[int, int]:
@@ -199,7 +202,7 @@ def toxigen_prompts(path: str | Path, label: str = "all") -> PromptSet:
         seen.add(text)
         meta = {"label": record.get("label"), "group": record.get("group"), "sentence": record["text"], "rank": i}
         prompts.append(ToxicityPrompt(f"toxigen-{i}", text, meta))
-    return PromptSet(prompts, f"toxigen:{label}", "continuation", "label")
+    return PromptSet(prompts, f"toxigen:{label}", "continuation", "label", store_text=False)
 
 
 def _real_toxicity_prompts(spec: str, limit: int | None) -> PromptSet:
@@ -240,7 +243,7 @@ def load_prompts(spec: str | Path, *, limit: int | None = None, shared_data: str
         ranks = id_ranks(inst.id for inst in instances)  # over the whole file, so a fold ignores limit
         prompts = [ToxicityPrompt(inst.id, inst.prompt, {"category": inst.category, "rank": ranks[inst.id]})
                    for inst in instances]
-        return PromptSet(prompts, f"safeedit:{source}", "request", "category").limited(limit)
+        return PromptSet(prompts, f"safeedit:{source}", "request", "category", store_text=False).limited(limit)
     if name == "toxigen" and not Path(text).is_file():
         label, _, path = rest.partition(":")
         return toxigen_prompts(path or data / TOXIGEN_FILE, label or "all").limited(limit)

@@ -271,6 +271,22 @@ def test_evaluation_writes_the_run_and_resumes(tokenizer, tmp_path, spy):
         evaluate_toxicity(model, tokenizer, PROMPTS, tmp_path, **{**FAST, "k": 4})
 
 
+def test_rows_of_shared_data_prompts_keep_ids_not_texts(tokenizer, tmp_path, shared_data):
+    """The SafeEdit and ToxiGen prompts are shared data: a run folder (which may be committed) names
+    them by id only; a user's own prompts keep their text beside the id."""
+    model = tiny_model("llama")
+    shared = load_prompts("toxigen:hate", shared_data=shared_data, limit=2)
+    assert load_prompts("safeedit", shared_data=shared_data, limit=1).fold(0, 2).store_text is False
+    evaluate_toxicity(model, tokenizer, shared, tmp_path / "shared", **{**FAST, "k": 1})
+    rows = rows_of(tmp_path / "shared")
+    assert [r["id"] for r in rows] == [p.id for p in shared.prompts]
+    assert all("prompt" not in r for r in rows)
+    written = "".join(f.read_text() for f in (tmp_path / "shared").glob("*.json*"))
+    assert all(p.text not in written for p in shared.prompts)
+    evaluate_toxicity(model, tokenizer, PROMPTS, tmp_path / "own", **{**FAST, "k": 1})
+    assert [r["prompt"] for r in rows_of(tmp_path / "own")] == [p.text for p in PROMPTS.prompts]
+
+
 def test_same_seed_same_samples_and_seeds_per_prompt(tokenizer, tmp_path):
     model = tiny_model("llama")
     evaluate_toxicity(model, tokenizer, PROMPTS, tmp_path / "one", **FAST)
