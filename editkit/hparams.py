@@ -17,11 +17,13 @@ import yaml
 H = TypeVar("H", bound="HParams")
 
 
-def hp(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help string (shown by ``HParams.describe``)."""
+def hp(default: Any, help: str, *, runtime: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with a help string (shown by ``HParams.describe``). ``runtime``: the setting
+    changes how a result is computed (e.g. a cache), never the result, so a resumed run may differ in it."""
+    metadata = {"help": help, "runtime": runtime}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def _coerce(value: Any, tp: Any, name: str) -> Any:
@@ -126,6 +128,11 @@ class HParams:
     def eval_suffix(self) -> str | None:
         """Text the method prescribes after every prompt at inference time (None: nothing)."""
         return None
+
+    @classmethod
+    def runtime_fields(cls) -> frozenset[str]:
+        """The settings declared ``runtime`` (see :func:`hp`)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -69,6 +69,16 @@ class EvalConfig:
         return {k: v for k, v in asdict(self).items() if k != "batch_size" and not (k in later and v == later[k])}
 
 
+def _results_part(settings: Any, runtime: frozenset[str]) -> Any:
+    """``settings`` without the ``runtime`` hparams (caches and the like: they do not change results,
+    so a run resumes across them), wherever an hparams mapping sits in it."""
+    if not isinstance(settings, dict):
+        return settings
+    if "hparams" in settings and isinstance(settings["hparams"], dict):
+        settings = {**settings, "hparams": _results_part(settings["hparams"], runtime)}
+    return {k: v for k, v in settings.items() if k not in runtime}
+
+
 def intervention_for(config: EvalConfig) -> Intervention:
     """The intervention a config names: a saved patch, nothing (method ``none``), or a registered
     method by its declared scope."""
@@ -255,8 +265,9 @@ def evaluate(
     settings_path = out / "config.json"
     if settings_path.exists():
         previous = json.loads(settings_path.read_text(encoding="utf-8"))
+        runtime = getattr(getattr(intervention, "hparams", None), "runtime_fields", frozenset)()
         for key in ("config", "hparams_resolved", "intervention"):
-            if key in previous and previous[key] != settings[key]:
+            if key in previous and _results_part(previous[key], runtime) != _results_part(settings[key], runtime):
                 raise ValueError(f"{out} holds a run with other settings ({settings_path}: {key}); use another --out")
     else:
         settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")

@@ -21,6 +21,9 @@ def pytest_configure(config: pytest.Config) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("EDITKIT_TEST_THREADS", "1")))
+    # DINM's disk caches stay out of the user's cache and out of other tests: the tests that exercise
+    # them point EDITKIT_DINM_CACHE at a temporary folder
+    os.environ["EDITKIT_DINM_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -290,3 +290,100 @@ def test_offloaded_model_is_cached_and_edits_as_in_memory(tokenizer, tmp_path, g
     want = [run(tiny_model("llama", seed=5), rid, tokenizer, layer=2, guard_cache=False) for rid in (a, b, a)]
     for g, w in zip(got, want):
         assert_same_edit(g, w)
+
+
+@pytest.fixture
+def disk(tmp_path, monkeypatch):
+    """DINM's disk caches in a temporary folder (conftest turns them off for every other test)."""
+    folder = tmp_path / "dinm-cache"
+    monkeypatch.setenv("EDITKIT_DINM_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def grams(monkeypatch) -> list[int]:
+    """The layers whose null-space keys are collected by a forward pass."""
+    calls: list[int] = []
+    real = nullspace.collect_gram
+
+    def spy(model, arch, layer, ids, pad, **kwargs):
+        calls.append(layer)
+        return real(model, arch, layer, ids, pad, **kwargs)
+
+    monkeypatch.setattr(nullspace, "collect_gram", spy)
+    return calls
+
+
+def test_disk_cache_serves_a_new_process_the_same_edit(tokenizer, disk, generated, grams):
+    """With the memory caches gone (as in a new process), the key space and the self-answers come
+    from disk: no generation, no key forward, and the same edit to the last bit. Another model's
+    weights get their own entries; disk_cache=False neither reads nor writes."""
+    model = tiny_model("llama")
+    first = run(model, "r0", tokenizer, null_space=True)
+    assert len(generated) == 1 and grams == [1]
+    assert len(list((disk / "nullspace").glob("*.safetensors"))) == 1
+    assert len(list((disk / "answers").glob("*.json"))) == 1
+
+    clear_cache()
+    again = run(model, "r0", tokenizer, null_space=True)
+    assert len(generated) == 1 and grams == [1]
+    assert_same_edit(again, first, tol=0.0)
+    assert again.metrics["null_space_dim"] == first.metrics["null_space_dim"]
+
+    other = tiny_model("llama", seed=1)
+    run(other, "r0", tokenizer, null_space=True)
+    assert len(generated) == 2 and grams == [1, 1]
+    assert len(list((disk / "nullspace").glob("*.safetensors"))) == 2
+
+    clear_cache()
+    run(model, "r0", tokenizer, null_space=True, disk_cache=False)
+    assert len(generated) == 3 and grams == [1, 1, 1]
+
+
+def test_disk_cache_entries_that_cannot_be_read_are_recomputed(tokenizer, disk, generated, grams, caplog):
+    """A truncated key-space file and a garbled answers file are recomputed (with a warning) and
+    rewritten; the edit equals the first."""
+    model = tiny_model("gpt2")
+    first = run(model, "r0", tokenizer, null_space=True)
+    (space_file,) = (disk / "nullspace").glob("*.safetensors")
+    (answers_file,) = (disk / "answers").glob("*.json")
+    space_file.write_bytes(space_file.read_bytes()[:100])
+    answers_file.write_text("{not json", encoding="utf-8")
+    clear_cache()
+    again = run(model, "r0", tokenizer, null_space=True)
+    assert len(generated) == 2 and grams == [1, 1]
+    assert "unreadable" in caplog.text
+    assert_same_edit(again, first, tol=0.0)
+    clear_cache()
+    run(model, "r0", tokenizer, null_space=True)  # the rewritten entries serve
+    assert len(generated) == 2 and grams == [1, 1]
+
+
+def test_disk_cache_off_and_unwritable(tokenizer, tmp_path, monkeypatch, generated, grams):
+    """EDITKIT_DINM_CACHE=off writes nothing; a cache folder that cannot be created costs a warning,
+    never the edit."""
+    monkeypatch.setenv("EDITKIT_DINM_CACHE", "off")
+    assert cache.disk_dir() is None
+    model = tiny_model("llama")
+    run(model, "r0", tokenizer, null_space=True)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("EDITKIT_DINM_CACHE", str(blocker / "cache"))
+    clear_cache()
+    result = run(model, "r0", tokenizer, null_space=True)
+    assert result.patch.deltas and grams == [1, 1]
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_runtime_settings_do_not_block_resuming_a_run():
+    """The SafeEdit runner compares a resumed run's settings without the runtime hparams (caches)."""
+    from editkit.methods.dinm.config import DINMConfig
+    from safeedit.runner import _results_part
+
+    assert {"guard_cache", "disk_cache"} <= DINMConfig.runtime_fields()
+    assert "lr" not in DINMConfig.runtime_fields()
+    old = {"kind": "per-instance", "hparams": {**DINMConfig().to_dict(), "guard_cache": False}}
+    new = {"kind": "per-instance", "hparams": {k: v for k, v in DINMConfig().to_dict().items() if k != "disk_cache"}}
+    runtime = DINMConfig.runtime_fields()
+    assert _results_part(old, runtime) == _results_part(new, runtime)
+    assert _results_part(old, runtime) != _results_part({**new, "hparams": {**new["hparams"], "lr": 1.0}}, runtime)

@@ -7,22 +7,34 @@ pieces of every sequence that recurs (the benign rows above all: the state enter
 layer, and the final hidden state where the losses read logits, see
 :class:`editkit.engine.RowReference`), the null-space key spaces (:mod:`~editkit.methods.dinm.nullspace`).
 
-Each cache here is a :class:`ModelCache`: entries per model, held weakly (a model's entries are
+Each in-memory cache here is a :class:`ModelCache`: entries per model, held weakly (a model's entries are
 freed with the model), least recently used dropped first beyond a bound. Entries are keyed under a
 :func:`weights_digest` of the weights they depend on, taken from :func:`editkit.patch.fingerprint`
 samples: a dense change such as an applied patch shows in them, a change to a few entries may not
 (:func:`clear_cache` forgets everything). A model that carries forward hooks (a hook-carried patch,
 an intervention, a trace) computes what its weights alone do not say: :func:`cache_blocker` names
 the reason and nothing is read from or written to a cache for it.
+
+Two of them also live on disk (:class:`DiskStore`, under :func:`disk_dir`), because they cost a
+cold edit most and depend on nothing a process owns: the null-space key spaces (a forward pass over
+~90 prompts and an eigendecomposition) and the guard's self-answers (a generation). A new process,
+e.g. each ``editkit edit`` call, then pays for them once per model and layer, not once per edit.
+The disk key holds the same weights digest as the memory key; files are written atomically and a
+file that cannot be read is recomputed (and rewritten), never trusted.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from torch import nn
 
@@ -31,11 +43,14 @@ from editkit.devices import real_values
 from editkit.engine import RowReference
 from editkit.patch import fingerprint
 
+log = logging.getLogger(__name__)
+
 # reference rows kept per model, in bytes: ~0.2 MB a benign row on SmolLM2-135M (fp32), so every authored
 # request with and without the suffix at several layers, and the recurring rows of a run, fit
 REFERENCE_BYTES = 256 * 2**20
 
 _CACHES: weakref.WeakSet[ModelCache] = weakref.WeakSet()  # every cache, for clear_cache()
+DISK_FORMAT = 1  # bump when what a disk entry holds changes meaning: older files are then ignored
 
 
 class ModelCache:
@@ -135,3 +150,87 @@ def weights_digest(model: nn.Module, arch: ArchMap | None = None, layer: int | N
         sample = fingerprint(real_values(model, name))
         digest.update(json.dumps([name, sample["shape"], sample["values"]]).encode())
     return digest.hexdigest()
+
+
+def disk_dir() -> Path | None:
+    """Where DINM keeps its disk caches: ``$EDITKIT_DINM_CACHE``, else ``dinm/`` in editkit's cache
+    (:func:`editkit.models.cache_dir`); None (no disk cache) when ``$EDITKIT_DINM_CACHE`` is ``off``."""
+    from editkit.models import cache_dir
+
+    root = os.environ.get("EDITKIT_DINM_CACHE")
+    if root is not None and root.strip().lower() in ("off", "0", "false", "none", ""):
+        return None
+    return Path(root).expanduser() if root else cache_dir() / "dinm"
+
+
+class DiskStore:
+    """Files of one kind under :func:`disk_dir`, one per key (a JSON-able value, hashed into the
+    file name and stored inside the file, so a read checks it). Reads that fail (missing, truncated,
+    another key, another format) return None; writes are atomic (a temporary file renamed) and a
+    write that fails is logged and skipped: the cache is an optimisation, never a source of errors."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def _path(self, key: Any, suffix: str) -> tuple[Path, str] | None:
+        root = disk_dir()
+        if root is None:
+            return None
+        text = json.dumps([DISK_FORMAT, self.kind, key], sort_keys=True, default=str)
+        return root / self.kind / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}{suffix}", text
+
+    def _write(self, path: Path, write: Callable[[Path], None]) -> None:
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            tmp.replace(path)
+        except OSError as err:
+            log.warning("DINM disk cache not written (%s): %s", path, err)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # its folder is not there to hold it
+                pass
+
+    def read_json(self, key: Any) -> Any | None:
+        found = self._path(key, ".json")
+        if found is None or not found[0].is_file():
+            return None
+        try:
+            stored = json.loads(found[0].read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            log.warning("DINM disk cache entry unreadable, recomputing (%s): %s", found[0], err)
+            return None
+        return stored.get("value") if isinstance(stored, dict) and stored.get("key") == found[1] else None
+
+    def write_json(self, key: Any, value: Any) -> None:
+        found = self._path(key, ".json")
+        if found is not None:
+            text = json.dumps({"key": found[1], "value": value}, ensure_ascii=False)
+            self._write(found[0], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def read_tensors(self, key: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """(tensors on CPU, string metadata) or None."""
+        from safetensors import SafetensorError
+        from safetensors.torch import safe_open
+
+        found = self._path(key, ".safetensors")
+        if found is None or not found[0].is_file():
+            return None
+        try:
+            with safe_open(str(found[0]), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                if meta.get("key") != found[1]:
+                    return None
+                return {name: f.get_tensor(name) for name in f.keys()}, meta
+        except (OSError, ValueError, SafetensorError) as err:
+            log.warning("DINM disk cache entry unreadable, recomputing (%s): %s", found[0], err)
+            return None
+
+    def write_tensors(self, key: Any, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        from safetensors.torch import save_file
+
+        found = self._path(key, ".safetensors")
+        if found is not None:
+            cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+            self._write(found[0], lambda tmp: save_file(cpu, str(tmp), metadata={**meta, "key": found[1]}))

@@ -44,7 +44,11 @@ class DINMConfig(LayerEditConfig):
                            "depend on the edited record: the guard's self-answers, and (fast path) the reference "
                            "pass's pieces of every sequence seen before (the benign rows above all); kept per model "
                            "under a fingerprint of its weights, see editkit.methods.dinm.cache (clear_cache() "
-                           "forgets); off: everything is computed for every edit")
+                           "forgets); off: everything is computed for every edit", runtime=True)
+    disk_cache: bool = hp(True, "also keep the null-space key spaces and (with guard_cache) the guard's self-answers "
+                          "on disk, under $EDITKIT_DINM_CACHE or dinm/ in editkit's cache ($EDITKIT_DINM_CACHE=off: "
+                          "never), so that a new process does not recompute them: they cost most of a cold edit",
+                          runtime=True)
     own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
                                    "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
                                    "on a test input, and results carry metrics['trains_on_test_inputs'] = ['DG_onlyQ']")

@@ -127,7 +127,8 @@ class DINM(EditingMethod):
         if benign_pairs is None and hp.benign_constraint:
             benign_pairs = self_answered_pairs(model, tokenizer, pick_requests(instance.id, hp.benign_constraint),
                                                suffix=suffix, max_new_tokens=hp.benign_answer_tokens,
-                                               chat_template=hp.chat_template, digest=digest)
+                                               chat_template=hp.chat_template, digest=digest,
+                                               disk=hp.disk_cache)
         if benign_pairs:
             pairs["benign"] = list(benign_pairs)
         extra: dict[str, Any] = {}  # metrics known before training
@@ -158,7 +159,8 @@ class DINM(EditingMethod):
         if hp.null_space:
             t_null = time.perf_counter()
             space, cached = nullspace.key_space(model, tokenizer, arch, layer, suffix=suffix,
-                                                chat_template=hp.chat_template, max_length=hp.max_length)
+                                                chat_template=hp.chat_template, max_length=hp.max_length,
+                                                disk=hp.disk_cache)
             projector = space.projector(hp.null_space_tol)
             null_dim = int(space.null_mask(hp.null_space_tol).sum())
             extra.update(null_space_dim=null_dim, null_space_keys=space.n_keys)
