@@ -34,19 +34,22 @@ recorded per case). The warm-up runs on a record that is not timed:
   "edit", "kl" and, with the guard, "benign" (built as DINM builds it, with editkit's own
   ``pick_requests`` + ``self_answered_pairs`` + ``encode_pairs``; the bench checks the pair count
   against the edit's metrics and refuses a configuration whose loss reads a batch it does not
-  model). The residual stream entering the edited layer L is captured once (no grad), with the
-  exact arguments the model passes to each decoder layer L..n-1 (causal mask, rotary embeddings,
-  position ids — captured by pre-hooks, so the mask is the one the model built). Then T times
-  (T = the steps the fast edit ran), for every batch: run layers[L:] and the final norm on the cached
-  state, a scalar loss, backward into a trainable delta on layer L's MLP output projection (added by
-  a forward hook, as the editor does). Model parameters are frozen while measuring.
+  model). Layer L's output O and the input K of its MLP output projection are captured once (no
+  grad), with the exact arguments the model passes to each decoder layer above L (causal mask,
+  rotary embeddings, position ids — captured by pre-hooks, so the mask is the one the model built).
+  Then T times (T = the steps the fast edit ran), for every batch: O + Δ·K (only at the loss
+  positions when L is the top layer), layers[L+1:] and the final norm, a scalar loss, backward
+  into a trainable delta Δ on layer L's MLP output projection: nothing of layer L but the delta's
+  own term is recomputed, since nothing else of it changes. Model parameters are frozen while
+  measuring. (The null-space projector is not modelled: the editor folds it into K once.)
     - floor_body: loss = mean square of the final-norm output at the loss positions (no LM head).
     - floor_head: the LM head at the loss positions and DINM's own loss (CE on "edit", KL to the
       unedited distribution on "kl" and "benign"). This is the least work any exact DINM step does.
   Neither floor counts localisation, the guard's generation, the reference forwards, the optimizer
   step or the final evaluation; ``ref_fwd`` (one full no-grad forward of every batch) is printed
   beside them so the remaining gap can be read off.
-* fast == plain: max |loss difference| over steps and loss terms, max |delta difference|.
+* fast == plain: max |loss difference| over steps and loss terms, max |delta difference| (float
+  rounding: the fast path adds Δ·K after the layer's residual sum, the plain path inside it).
 * peak memory of one committed-configuration edit relative to the model's parameter bytes, one
   fresh subprocess per path (see ``_memory_probe``): on CPU the peak RSS increase sampled every 2 ms
   from /proc/self/statm by a background thread, from just before ``editkit.edit`` (model loaded,
@@ -182,8 +185,9 @@ class _Frozen:
 
 @torch.no_grad()
 def capture(model: Any, arch: Any, layer: int, batch: Any) -> dict[str, Any]:
-    """One full no-grad forward: the state entering ``layer``, the args every layer >= ``layer``
-    is called with, and the unedited logits at the loss positions. Also times the forward."""
+    """One full no-grad forward: ``layer``'s output and the input of its MLP output projection (the
+    keys), the args every layer above ``layer`` is called with, and the unedited logits at the loss
+    positions. Also times the forward."""
     layers = decoder_layers(model, arch)
     calls: dict[int, tuple[tuple, dict]] = {}
 
@@ -193,37 +197,45 @@ def capture(model: Any, arch: Any, layer: int, batch: Any) -> dict[str, Any]:
         return hook
 
     with ExitStack() as stack:
-        for i in range(layer, len(layers)):
+        for i in range(layer + 1, len(layers)):
             stack.callback(layers[i].register_forward_pre_hook(keep(i), with_kwargs=True).remove)
-        entry = stack.enter_context(Trace(layers[layer], retain_input=True, retain_output=False, detach=True))
+        output = stack.enter_context(Trace(layers[layer], retain_output=True, detach=True))
+        keys = stack.enter_context(Trace(get_module(layers[layer], arch.mlp_out), retain_input=True,
+                                         retain_output=False, detach=True))
         start = time.perf_counter()
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         seconds = time.perf_counter() - start
     positions = batch.predicting_positions()
-    return {"entry": entry.input, "calls": calls, "positions": positions, "targets": batch.targets(),
-            "reference": F.log_softmax(out.logits[positions].float(), -1), "ref_seconds": seconds}
+    return {"output": output.output, "keys": keys.input.float(), "calls": calls, "positions": positions,
+            "targets": batch.targets(), "reference": F.log_softmax(out.logits[positions].float(), -1),
+            "ref_seconds": seconds}
 
 
 def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], steps: int,
                   head: bool) -> tuple[float, dict[str, float]]:
-    """T × (forward + backward of layers[layer:] + final norm [+ LM head at the loss positions]) for
-    every batch. Also returns the first iteration's loss per batch (with the head: DINM's unedited
-    NLL on "edit", KL on the others)."""
+    """T × (forward + backward of: the edited layer's change Δ·K added to its cached output,
+    layers[layer + 1:] + final norm [+ LM head at the loss positions]) for every batch; at the top
+    layer only the loss positions are computed. Also returns the first iteration's loss per batch
+    (with the head: DINM's unedited NLL on "edit", KL on the others)."""
     layers = decoder_layers(model, arch)
     norm = get_module(model, arch.final_norm)
     out_proj = get_module(layers[layer], arch.mlp_out)
     delta = torch.zeros(out_proj.weight.shape, dtype=torch.float32, device=out_proj.weight.device, requires_grad=True)
-
-    def add_delta(module, args, output):
-        return output + linear_delta(args[0].float(), delta, arch.mlp_out_transposed).to(output.dtype)
+    top = layer == len(layers) - 1
 
     def step(c: dict[str, Any], name: str) -> torch.Tensor:
-        hidden = c["entry"]  # [batch, seq, d_model]
-        for i in range(layer, len(layers)):
-            args, kwargs = c["calls"][i]
-            hidden = layers[i](hidden, *args[1:], **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
+        if top:
+            where = c["positions"]
+            change = linear_delta(c["keys"][where], delta, arch.mlp_out_transposed)
+            hidden = norm(c["output"][where] + change.to(c["output"].dtype))  # [n_targets, d_model]
+        else:
+            change = linear_delta(c["keys"], delta, arch.mlp_out_transposed)
+            hidden = c["output"] + change.to(c["output"].dtype)  # [batch, seq, d_model]
+            for i in range(layer + 1, len(layers)):
+                args, kwargs = c["calls"][i]
+                hidden = layers[i](hidden, *args[1:], **kwargs)
+                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
         if not head:
             return hidden.float().pow(2).mean()
         logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
@@ -231,19 +243,15 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
             return F.cross_entropy(logits, c["targets"])
         return F.kl_div(F.log_softmax(logits, -1), c["reference"], log_target=True, reduction="batchmean")
 
-    handle = out_proj.register_forward_hook(add_delta)
-    try:
-        with _Frozen(model):
-            first: dict[str, float] = {}
-            start = time.perf_counter()
-            for _ in range(steps):
-                for name, c in captured.items():
-                    loss = step(c, name)
-                    loss.backward(inputs=[delta])
-                    first.setdefault(name, loss.item())
-            return time.perf_counter() - start, first
-    finally:
-        handle.remove()
+    with _Frozen(model):
+        first: dict[str, float] = {}
+        start = time.perf_counter()
+        for _ in range(steps):
+            for name, c in captured.items():
+                loss = step(c, name)
+                loss.backward(inputs=[delta])
+                first.setdefault(name, loss.item())
+        return time.perf_counter() - start, first
 
 
 # ----------------------------------------------------------------------------------------- memory
@@ -406,7 +414,7 @@ def print_record(r: dict[str, Any], n_layers: int) -> None:
         x = r[p]
         cells = "".join(f"{x['parts'][n]:11.2f}" if n in x["parts"] else f"{'-':>11}" for n in names)
         print(f"  {p:<13}{x['wall']:8.2f}{cells}{x['gap']:8.2f}{x['steps']:>6}{x['layer']:>6}")
-    print(f"  floor (T={r['fast']['steps']} x fwd+bwd of layers[L:] on the cached state, every batch): "
+    print(f"  floor (T={r['fast']['steps']} x fwd+bwd of O+Δ·K, layers[L+1:], norm, every batch): "
           f"body {r['floor_body']:.2f}, +head {r['floor_head']:.2f}; ref_fwd {r['ref_fwd']:.2f}", flush=True)
 
 

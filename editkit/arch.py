@@ -30,6 +30,10 @@ class ArchMap:
     # the base model's last hidden state -> lm_head gives the logits exactly (no soft-capping or
     # scaling between them), so the fast path may apply the head itself at a few positions
     fast_path: bool = True
+    # a decoder layer's output is its MLP output projection's output plus terms that do not depend on
+    # it (no norm after the MLP), and the base model's last hidden state is final_norm(the last layer's
+    # output): the fast path may replay the edited layer as cached output + Δ·(cached key)
+    mlp_out_residual: bool = True
 
 
 _LLAMA_LIKE = ArchMap(
@@ -48,10 +52,11 @@ ARCH_MAPS: dict[str, ArchMap] = {
     "qwen3": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    # OLMo-2 normalises the MLP's output before the residual add: the edited layer must run
+    "olmo2": replace(_LLAMA_LIKE, mlp_out_residual=False),
     "gemma": _LLAMA_LIKE,
-    # Gemma-2/3 soft-cap the final logits: the fast path's own head would not be exact.
-    "gemma2": replace(_LLAMA_LIKE, fast_path=False),
+    # Gemma-2/3 soft-cap the final logits and normalise the MLP's output: no fast path.
+    "gemma2": replace(_LLAMA_LIKE, fast_path=False, mlp_out_residual=False),
     "gpt2": ArchMap(
         layers="transformer.h",
         mlp_out="mlp.c_proj",
@@ -118,7 +123,7 @@ def resolve_arch(model: nn.Module, arch: ArchMap | Mapping[str, Any] | None = No
             if missing:
                 raise ValueError(f"architecture map is missing {missing}; {_HINT}")
             # an unknown family: the fast path is off unless the user declares it exact
-            found = ArchMap(**{"fast_path": False, **arch})
+            found = ArchMap(**{"fast_path": False, "mlp_out_residual": False, **arch})
     else:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in ARCH_MAPS:

@@ -16,9 +16,17 @@ Fast path: only one layer changes, so the residual stream entering it is the sam
 It is computed once; afterwards the layers below are swapped for pass-through modules, the cached
 state is fed to the edited layer, and the LM head runs only at the positions a loss reads.
 
+Replay (fast path, ``arch.mlp_out_residual``): inside the edited layer too, everything but the
+delta's own term is constant — the layer's unedited output O and the input K of its MLP output
+projection (the keys) are the same at every step, and the edited output is O + Δ·K. Both are kept
+from the reference pass and the layer is replaced by that sum: its attention and its other MLP
+projections never run again. With a projector the keys are kept projected (K·P), so a step never
+multiplies by P either. When the edited layer is the top one, only the predicting positions are
+kept and a step is the final norm and the LM head there: no decoder layer runs at all.
+
 Reference rows (fast path, ``rows=``): what the reference pass gives for one sequence, the state
-entering the edited layer and the final hidden state at its predicting positions
-(:class:`RowReference`), does not depend on the other sequences of its batch. Given a store (scoped
+entering the edited layer (or, replaying, its output and keys) and the final hidden state at its
+predicting positions (:class:`RowReference`), does not depend on the other sequences of its batch. Given a store (scoped
 by the caller to the model's current weights), the pass reads every sequence it holds, runs the
 others as one padded batch, keeps their pieces, and assembles each batch from rows. Pads get a zero
 state, which no real position sees (causal attention over right padding); a row computed beside
@@ -27,7 +35,7 @@ other rows, with other padding, equals the padded batch's up to float noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,35 +50,45 @@ from editkit.text import TokenBatch
 
 
 class PassThrough(nn.Module):
-    """Stands in for a decoder layer below the edited one: returns its hidden-state input.
+    """Stands in for a decoder layer below the edited one: returns its hidden-state input, or (given
+    ``output``) what ``output()`` returns, the replayed edited layer.
 
     It carries the replaced layer's plain attributes (not its weights): a model's layer loop may
     read them, e.g. Qwen2's ``attention_type`` to pick the layer's attention mask.
     """
 
-    def __init__(self, as_tuple: bool, replaced: nn.Module) -> None:
+    def __init__(self, as_tuple: bool, replaced: nn.Module,
+                 output: Callable[[], torch.Tensor] | None = None) -> None:
         super().__init__()
         for name, value in vars(replaced).items():
             if not name.startswith("_") and name != "training":
                 setattr(self, name, value)
         self.as_tuple = as_tuple
+        self.output = output
 
     def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        if hidden_states is None:
+        if self.output is not None:
+            hidden_states = self.output()
+        elif hidden_states is None:
             hidden_states = kwargs["hidden_states"]
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @dataclass(frozen=True)
 class RowReference:
-    """The unedited model's pieces of one sequence (unpadded) for an edit of one layer."""
+    """The unedited model's pieces of one sequence (unpadded) for an edit of one layer: the state
+    entering it, or (replay) its output and keys — at every position, or at the predicting
+    positions only when the layer is the top one."""
 
-    entry: torch.Tensor  # [seq, d_model] the state entering the edited layer
     head_input: torch.Tensor  # [n_predicting, d_model] the final hidden state where the losses read logits
+    entry: torch.Tensor | None = None  # [seq, d_model] the state entering the edited layer
+    output: torch.Tensor | None = None  # [m, d_model] the edited layer's unedited output
+    keys: torch.Tensor | None = None  # [m, d_in] the input of its MLP output projection
 
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.entry, self.head_input))
+        return sum(t.element_size() * t.numel() for t in (self.head_input, self.entry, self.output, self.keys)
+                   if t is not None)
 
 
 class RowStore(Protocol):
@@ -107,6 +125,7 @@ class DeltaEditor:
     ``projector``: [d_in, d_in] symmetric projector the delta is composed with (see the module docstring).
     ``rows``: on the fast path, a store of reference rows to read and fill (see the module docstring);
     ``row_stats`` counts the rows reused and computed, ``reference_seconds`` times the reference pass.
+    ``replay``: whether the edited layer is replayed from its cached output and keys.
     """
 
     def __init__(
@@ -129,6 +148,8 @@ class DeltaEditor:
         self.device = execution_device(self.module)  # for an offloaded layer: where its forward runs
         self.batches = {k: b.to(self.device) for k, b in batches.items()}
         self.fast_path = fast_path and arch.fast_path
+        self.replay = self.fast_path and arch.mlp_out_residual
+        self.top = layer == len(self.layers) - 1  # replaying the top layer: predicting positions only
         self.delta = nn.Parameter(torch.zeros(self.module.weight.shape, dtype=torch.float32, device=self.device))
         self.projector = None
         if projector is not None:
@@ -141,7 +162,8 @@ class DeltaEditor:
         self.row_stats = {"reused": 0, "computed": 0}
         self.reference_seconds = 0.0
         self.initial_logits: dict[str, torch.Tensor] = {}
-        self._cache: dict[str, torch.Tensor] = {}
+        # per batch: the state entering the layer, or (replay) {"output", "keys"} (keys projected, fp32)
+        self._cache: dict[str, Any] = {}
         self._as_tuple: bool | None = None
         self._stack = ExitStack()
         self._current: str | None = None
@@ -162,6 +184,12 @@ class DeltaEditor:
     def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
         return replace_first_arg(args, kwargs, self._cache[self._current])
 
+    def _replayed_output(self) -> torch.Tensor:
+        """The edited layer's output for the current batch under the current delta: O + Δ·K."""
+        cached = self._cache[self._current]
+        change = linear_delta(cached["keys"], self.delta, self.arch.mlp_out_transposed)
+        return cached["output"] + change.to(cached["output"].dtype)
+
     def __enter__(self) -> DeltaEditor:
         try:
             self._stack.callback(self.module.register_forward_hook(self._add_delta).remove)
@@ -169,8 +197,11 @@ class DeltaEditor:
             self.model.eval()
             self._freeze_model()
             self._reference_pass()
-            if self.fast_path:
-                self._swap_lower_layers()
+            if self.replay:
+                if not self.top:
+                    self._swap_layers(self.layer + 1)
+            elif self.fast_path:
+                self._swap_layers(self.layer)
                 self._stack.enter_context(Trace(self.layers[self.layer], edit_input=self._feed_cache, retain_output=False))
         except BaseException:
             self._stack.close()
@@ -197,39 +228,57 @@ class DeltaEditor:
 
     @torch.no_grad()
     def _reference_pass(self) -> None:
-        """The unedited logits of every batch and the state entering the edited layer: one full
-        forward per batch, or, with ``rows``, one over the batch's rows not in the store."""
+        """The unedited logits of every batch and what the steps start from (the state entering the
+        edited layer, or its output and keys): one full forward per batch, or, with ``rows``, one
+        over the batch's rows not in the store."""
         start = time.perf_counter()
-        self._as_tuple = False if self.layer == 0 else None
         for name, batch in self.batches.items():
             lengths = _row_lengths(batch) if self.rows is not None else None
             if lengths is not None:
-                self._cache[name], self.initial_logits[name] = self._reference_from_rows(batch, lengths)
+                pieces, self.initial_logits[name] = self._reference_from_rows(batch, lengths)
             else:
-                self._cache[name], out = self._traced_forward(batch)
+                pieces, out = self._traced_forward(batch)
                 self.initial_logits[name] = self._head(out) if self.fast_path else out
-        if self.fast_path and self._as_tuple is None:  # every row came from the store
+            self._cache[name] = self._prepared(pieces)
+        if self.fast_path and self._as_tuple is None and not (self.replay and self.top):  # every row was stored
             self._probe_layer_output(next(iter(self.batches.values())))
         self.reference_seconds = time.perf_counter() - start
 
-    def _traced_forward(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One full forward: the state entering the edited layer [batch, seq, d_model], and the
-        final hidden state at the predicting positions [n_targets, d_model] on the fast path (the
-        logits there, [n_targets, vocab] fp32, otherwise)."""
-        below = self.layers[self.layer - 1] if self.layer > 0 else None
-        with Trace(self.layers[self.layer], retain_input=True, retain_output=False, detach=True) as entry, \
-                ExitStack() as extra:
-            probe = extra.enter_context(Trace(below, retain_output=True)) if below is not None else None
-            out = self._final_hidden(batch) if self.fast_path else self._forward(batch)
-        if probe is not None:
-            self._as_tuple = isinstance(probe.raw_output, tuple)
-        return entry.input, out
+    def _prepared(self, pieces: RowReference) -> Any:
+        """What the steps read for a batch: the entry state, or the output and the (projected) keys."""
+        if not self.replay:
+            return pieces.entry
+        keys = pieces.keys.float()
+        if self.projector is not None:
+            keys = keys @ self.projector  # Δ·P·k = Δ·(k·P): P is symmetric
+        return {"output": pieces.output, "keys": keys}
 
-    def _reference_from_rows(self, batch: TokenBatch, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(entry state [batch, seq, d_model], logits [n_targets, vocab] fp32) of ``batch``, each row
-        read from ``rows`` or computed with the other missing rows and kept there."""
+    def _traced_forward(self, batch: TokenBatch) -> tuple[RowReference, torch.Tensor]:
+        """One full forward: the pieces the steps start from (a :class:`RowReference` over the padded
+        batch: [batch, seq, ...], or [n_targets, ...] for a replayed top layer) and the final hidden
+        state at the predicting positions [n_targets, d_model] on the fast path (the logits there,
+        [n_targets, vocab] fp32, otherwise)."""
+        with ExitStack() as traces:
+            layer = traces.enter_context(Trace(self.layers[self.layer], retain_input=not self.replay,
+                                               retain_output=True, detach=True))
+            keys = (traces.enter_context(Trace(self.module, retain_input=True, retain_output=False, detach=True))
+                    if self.replay else None)
+            out = self._final_hidden(batch) if self.fast_path else self._forward(batch)
+        self._as_tuple = isinstance(layer.raw_output, tuple)
+        if not self.replay:
+            return RowReference(out, entry=layer.input), out
+        output, key = layer.output, keys.input
+        if self.top:
+            where = batch.predicting_positions()
+            output, key = output[where], key[where]
+        return RowReference(out, output=output, keys=key), out
+
+    def _reference_from_rows(self, batch: TokenBatch, lengths: list[int]) -> tuple[RowReference, torch.Tensor]:
+        """(the pieces of ``batch`` as :meth:`_traced_forward` gives them, logits [n_targets, vocab]
+        fp32), each row read from ``rows`` or computed with the other missing rows and kept there."""
         ids, targets = batch.input_ids.cpu(), batch.target_mask.cpu()
-        keys = [(self.param_name, ids[i, :n].numpy().tobytes(), targets[i, :n].numpy().tobytes())
+        kind = "top" if self.replay and self.top else "replay" if self.replay else "entry"
+        keys = [(self.param_name, kind, ids[i, :n].numpy().tobytes(), targets[i, :n].numpy().tobytes())
                 for i, n in enumerate(lengths)]
         found = [self.rows.get(key) for key in keys]
         missing = [i for i, row in enumerate(found) if row is None]
@@ -238,30 +287,50 @@ class DeltaEditor:
             index = torch.tensor(missing, device=batch.input_ids.device)
             sub = TokenBatch(batch.input_ids[index, :width], batch.attention_mask[index, :width],
                              batch.target_mask[index, :width])
-            entry, hidden = self._traced_forward(sub)
-            heads = hidden.split(sub.predicting_positions().sum(1).tolist())
+            pieces, hidden = self._traced_forward(sub)
+            counts = sub.predicting_positions().sum(1).tolist()
+            heads = hidden.split(counts)
+            if kind == "top":
+                outputs, top_keys = pieces.output.split(counts), pieces.keys.split(counts)
             for j, i in enumerate(missing):
-                found[i] = RowReference(entry[j, :lengths[i]].clone(), heads[j].clone())
-                self.rows.put(keys[i], found[i])
+                if kind == "entry":
+                    row = RowReference(heads[j].clone(), entry=pieces.entry[j, :lengths[i]].clone())
+                elif kind == "replay":
+                    row = RowReference(heads[j].clone(), output=pieces.output[j, :lengths[i]].clone(),
+                                       keys=pieces.keys[j, :lengths[i]].clone())
+                else:
+                    row = RowReference(heads[j].clone(), output=outputs[j].clone(), keys=top_keys[j].clone())
+                found[i] = row
+                self.rows.put(keys[i], row)
         self.row_stats["reused"] += len(found) - len(missing)
         self.row_stats["computed"] += len(missing)
-        first = found[0].entry
-        entry = torch.zeros((len(found), batch.input_ids.shape[1], first.shape[-1]), dtype=first.dtype,
-                            device=self.device)  # pads: zero, seen by no real position
-        for i, row in enumerate(found):
-            entry[i, :lengths[i]] = row.entry
-        return entry, self._head(torch.cat([row.head_input.to(self.device) for row in found]))
+        head_input = torch.cat([row.head_input.to(self.device) for row in found])
+        if kind == "top":
+            pieces = RowReference(head_input, output=torch.cat([row.output.to(self.device) for row in found]),
+                                  keys=torch.cat([row.keys.to(self.device) for row in found]))
+        else:
+            fields = ("entry",) if kind == "entry" else ("output", "keys")
+            padded = {}
+            for field in fields:  # pads: zero, seen by no real position
+                first = getattr(found[0], field)
+                padded[field] = torch.zeros((len(found), batch.input_ids.shape[1], first.shape[-1]),
+                                            dtype=first.dtype, device=self.device)
+                for i, row in enumerate(found):
+                    padded[field][i, :lengths[i]] = getattr(row, field)
+            pieces = RowReference(head_input, **padded)
+        return pieces, self._head(head_input)
 
     def _probe_layer_output(self, batch: TokenBatch) -> None:
         """Whether the decoder layers return tuples, from a one-token forward (the pass-through
         modules must return what the model's layer loop expects)."""
-        with Trace(self.layers[self.layer - 1], retain_output=True) as probe:
+        with Trace(self.layers[self.layer], retain_output=True) as probe:
             get_module(self.model, self.arch.base)(input_ids=batch.input_ids[:1, :1],
                                                    attention_mask=batch.attention_mask[:1, :1], use_cache=False)
         self._as_tuple = isinstance(probe.raw_output, tuple)
 
-    def _swap_lower_layers(self) -> None:
-        originals = [self.layers[i] for i in range(self.layer)]
+    def _swap_layers(self, upto: int) -> None:
+        """Layers below ``upto`` become pass-throughs; replaying, the edited one returns O + Δ·K."""
+        originals = [self.layers[i] for i in range(upto)]
 
         def restore() -> None:
             for i, module in enumerate(originals):
@@ -269,13 +338,16 @@ class DeltaEditor:
 
         self._stack.callback(restore)
         for i, module in enumerate(originals):
-            self.layers[i] = PassThrough(self._as_tuple, module)
+            replayed = self.replay and i == self.layer
+            self.layers[i] = PassThrough(self._as_tuple, module, self._replayed_output if replayed else None)
 
     # -- forward ---------------------------------------------------------------------------------
     def logits(self, name: str) -> torch.Tensor:
         """[n_targets, vocab] fp32 logits at ``name``'s predicting positions under the current delta."""
         self._current = name
         try:
+            if self.replay and self.top:  # the top layer's output at the predicting positions -> norm -> head
+                return self._head(get_module(self.model, self.arch.final_norm)(self._replayed_output()))
             return self._forward(self.batches[name])
         finally:
             self._current = None

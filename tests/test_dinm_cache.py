@@ -155,11 +155,13 @@ def test_cached_edits_equal_uncached_edits(tiny_lm, family, tokenizer, layer, sn
     assert hook_count(tiny_lm) == 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
-def test_rows_assembled_from_other_batches_equal_a_padded_forward(family, tokenizer):
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "olmo2"])
+@pytest.mark.parametrize("layer", [2, 3], ids=["middle", "top"])
+def test_rows_assembled_from_other_batches_equal_a_padded_forward(family, layer, tokenizer):
     """A batch assembled from rows each computed alone (another padding, another batch) gives the
-    reference logits, the entry state and, under a nonzero delta, the logits and delta gradient of
-    the plain padded batch, up to float noise."""
+    reference logits, what the steps start from (the replayed layer's output and keys, at every
+    real position or at the top layer's predicting positions; OLMo-2: the entry state) and, under a
+    nonzero delta, the logits and delta gradient of the plain padded batch, up to float noise."""
     model = tiny_model(family)
     arch = resolve_arch(model)
     pairs = [(r, "Sure, here it is.") for r in constraints.constraint_requests()[:4]]
@@ -175,23 +177,31 @@ def test_rows_assembled_from_other_batches_equal_a_padded_forward(family, tokeni
             store[key] = value
 
     for i in range(len(pairs)):
-        with DeltaEditor(model, arch, 2, {"one": encode_pairs(tokenizer, pairs[i:i + 1])}, rows=Store()):
+        with DeltaEditor(model, arch, layer, {"one": encode_pairs(tokenizer, pairs[i:i + 1])}, rows=Store()):
             pass
     assert len(store) == len(pairs) and all(isinstance(v, RowReference) for v in store.values())
-    delta = 1e-2 * torch.randn(get_module(decoder_layers(model, arch)[2], arch.mlp_out).weight.shape,
+    delta = 1e-2 * torch.randn(get_module(decoder_layers(model, arch)[layer], arch.mlp_out).weight.shape,
                                generator=torch.Generator().manual_seed(0))
     results = {}
     for name, rows in (("padded", None), ("assembled", Store())):
-        with DeltaEditor(model, arch, 2, {"b": batch}, rows=rows) as editor:
+        with DeltaEditor(model, arch, layer, {"b": batch}, rows=rows) as editor:
+            assert editor.replay == (family != "olmo2") and editor.top == (layer == 3)
             if rows is not None:
                 assert editor.row_stats == {"reused": len(pairs), "computed": 0}
             real = batch.attention_mask.bool()
-            reference, entry = editor.initial_logits["b"], editor._cache["b"][real]
+            cached = editor._cache["b"]
+            if not editor.replay:
+                start = (cached[real],)
+            elif editor.top:
+                start = (cached["output"], cached["keys"])
+                assert cached["keys"].shape[0] == batch.n_targets
+            else:
+                start = (cached["output"][real], cached["keys"][real])
             with torch.no_grad():
                 editor.delta.copy_(delta)
             logits = editor.logits("b")
             logits.logsumexp(-1).sum().backward()
-            results[name] = (reference, entry, logits.detach(), editor.delta.grad.clone())
+            results[name] = (editor.initial_logits["b"], *start, logits.detach(), editor.delta.grad.clone())
     for got, want in zip(results["assembled"], results["padded"]):
         torch.testing.assert_close(got, want, rtol=0, atol=TOL)
     assert hook_count(model) == 0
@@ -314,19 +324,23 @@ def grams(monkeypatch) -> list[int]:
     return calls
 
 
-def test_disk_cache_serves_a_new_process_the_same_edit(tokenizer, disk, generated, grams):
-    """With the memory caches gone (as in a new process), the key space and the self-answers come
-    from disk: no generation, no key forward, and the same edit to the last bit. Another model's
-    weights get their own entries; disk_cache=False neither reads nor writes."""
+def test_disk_cache_serves_a_new_process_the_same_edit(tokenizer, disk, generated, grams, editors, monkeypatch):
+    """With the memory caches gone (as in a new process), the key space, the self-answers and the
+    (small) reference rows come from disk: no generation, no key forward, no reference forward, and
+    the same edit to the last bit. Another model's weights get their own entries; disk_cache=False
+    neither reads nor writes."""
+    monkeypatch.setattr(cache, "DISK_ROW_BYTES", 2**30)  # every row of the tiny model counts as small
     model = tiny_model("llama")
     first = run(model, "r0", tokenizer, null_space=True)
     assert len(generated) == 1 and grams == [1]
     assert len(list((disk / "nullspace").glob("*.safetensors"))) == 1
     assert len(list((disk / "answers").glob("*.json"))) == 1
+    assert len(list((disk / "rows").glob("*.safetensors"))) == 2 + 2 * N  # edit, kl, the benign rows
 
     clear_cache()
     again = run(model, "r0", tokenizer, null_space=True)
     assert len(generated) == 1 and grams == [1]
+    assert editors[-1].row_stats == {"reused": 2 + 2 * N, "computed": 0} and editors[-1].forwards == []
     assert_same_edit(again, first, tol=0.0)
     assert again.metrics["null_space_dim"] == first.metrics["null_space_dim"]
 
@@ -387,3 +401,15 @@ def test_runtime_settings_do_not_block_resuming_a_run():
     runtime = DINMConfig.runtime_fields()
     assert _results_part(old, runtime) == _results_part(new, runtime)
     assert _results_part(old, runtime) != _results_part({**new, "hparams": {**new["hparams"], "lr": 1.0}}, runtime)
+
+
+def test_only_small_rows_go_to_disk(tokenizer, disk, editors, monkeypatch):
+    """Rows above DISK_ROW_BYTES (those of lower layers on a real model keep every position) stay in
+    memory only."""
+    monkeypatch.setattr(cache, "DISK_ROW_BYTES", 0)
+    model = tiny_model("llama")
+    run(model, "r0", tokenizer)
+    assert not (disk / "rows").exists() or not list((disk / "rows").glob("*"))
+    clear_cache()
+    run(model, "r0", tokenizer)
+    assert editors[-1].row_stats == {"reused": 0, "computed": 2 + 2 * N}

@@ -77,7 +77,7 @@ def test_edit_leaves_model_untouched_and_patch_round_trips(case, tokenizer, snap
 
 
 def test_exception_mid_edit_leaves_model_bit_identical(case, tokenizer, snapshot) -> None:
-    from editkit.arch import decoder_layers, resolve_arch
+    from editkit.arch import decoder_layers, get_module, resolve_arch
 
     method, family = case
     model = tiny_model(family)
@@ -87,13 +87,13 @@ def test_exception_mid_edit_leaves_model_bit_identical(case, tokenizer, snapshot
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     calls = {"n": 0}
 
-    def fail_third_time(module, args):  # every method runs the top layer; its third call raises
+    def fail_third_time(module, args):  # every method runs the final norm; its third call raises
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected failure")
 
     top = decoder_layers(model, resolve_arch(model))[-1]
-    handle = top.register_forward_pre_hook(fail_third_time)
+    handle = get_module(model, resolve_arch(model).final_norm).register_forward_pre_hook(fail_third_time)
     try:
         with pytest.raises(RuntimeError, match="injected failure"):
             _run(method, model, tokenizer)

@@ -180,7 +180,10 @@ def test_dinm_fast_equals_plain_with_padded_constraints(family: str, layer: int,
     (name, d_fast), = fast.patch.deltas.items()
     (name_plain, d_plain), = plain.patch.deltas.items()
     assert name == name_plain
-    _close(d_fast, d_plain)
+    # the replayed layer adds Δ·K after the residual sum (the plain path: inside it), a float
+    # reassociation; Adam's normalised steps turn that noise on near-zero gradient entries into
+    # ~1e-5 of the delta after 4 steps
+    _close(d_fast, d_plain, rel=1e-4)
     for key, value in plain.metrics.items():
         assert fast.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 

@@ -15,9 +15,10 @@ samples: a dense change such as an applied patch shows in them, a change to a fe
 an intervention, a trace) computes what its weights alone do not say: :func:`cache_blocker` names
 the reason and nothing is read from or written to a cache for it.
 
-Two of them also live on disk (:class:`DiskStore`, under :func:`disk_dir`), because they cost a
+Three of them also live on disk (:class:`DiskStore`, under :func:`disk_dir`), because they cost a
 cold edit most and depend on nothing a process owns: the null-space key spaces (a forward pass over
-~90 prompts and an eigendecomposition) and the guard's self-answers (a generation). A new process,
+~90 prompts and an eigendecomposition), the guard's self-answers (a generation) and the small
+reference rows (those of an edit of the top layer: its predicting positions only). A new process,
 e.g. each ``editkit edit`` call, then pays for them once per model and layer, not once per edit.
 The disk key holds the same weights digest as the memory key; files are written atomically and a
 file that cannot be read is recomputed (and rewritten), never trusted.
@@ -97,23 +98,49 @@ class ModelCache:
 _ROWS = ModelCache(REFERENCE_BYTES, size=lambda row: row.nbytes)  # model -> (digest, editor's key) -> RowReference
 
 
-class _ReferenceRows:
-    """The :class:`editkit.engine.RowStore` of one model in one state of its weights."""
+# rows up to this size also go to disk: those of an edit of the top layer, which keep the predicting
+# positions only (~10 KB a benign row on SmolLM2-135M); a row of a lower layer keeps every position
+DISK_ROW_BYTES = 64 * 2**10
 
-    def __init__(self, model: nn.Module, digest: str) -> None:
-        self.model, self.digest = model, digest
+
+def _plain_key(key: Hashable) -> Any:
+    """``key`` with its bytes replaced by their digest (JSON-able, for the disk store)."""
+    if isinstance(key, bytes):
+        return hashlib.sha256(key).hexdigest()
+    if isinstance(key, tuple):
+        return [_plain_key(k) for k in key]
+    return key
+
+
+class _ReferenceRows:
+    """The :class:`editkit.engine.RowStore` of one model in one state of its weights (small rows
+    also on disk when ``disk``)."""
+
+    def __init__(self, model: nn.Module, digest: str, disk: bool = False) -> None:
+        self.model, self.digest, self.disk = model, digest, disk
 
     def get(self, key: Hashable) -> RowReference | None:
-        return _ROWS.get(self.model, (self.digest, key))
+        row = _ROWS.get(self.model, (self.digest, key))
+        if row is None and self.disk:
+            found = _DISK_ROWS.read_tensors([self.digest, _plain_key(key)])
+            if found is not None and "head_input" in found[0]:
+                row = RowReference(**found[0])
+                _ROWS.put(self.model, (self.digest, key), row)
+        return row
 
     def put(self, key: Hashable, value: RowReference) -> None:
         _ROWS.put(self.model, (self.digest, key), value)
+        if self.disk and value.nbytes <= DISK_ROW_BYTES:
+            tensors = {name: t for name in ("head_input", "entry", "output", "keys")
+                       if (t := getattr(value, name)) is not None}
+            _DISK_ROWS.write_tensors([self.digest, _plain_key(key)], tensors, {})
 
 
-def reference_rows(model: nn.Module, digest: str) -> _ReferenceRows:
+def reference_rows(model: nn.Module, digest: str, *, disk: bool = False) -> _ReferenceRows:
     """The reference rows kept for ``model`` whose weights have ``digest`` (see :func:`weights_digest`;
-    the caller checks :func:`cache_blocker` first)."""
-    return _ReferenceRows(model, digest)
+    the caller checks :func:`cache_blocker` first); with ``disk``, rows up to ``DISK_ROW_BYTES`` are
+    also kept in and read from the disk store."""
+    return _ReferenceRows(model, digest, disk)
 
 
 def clear_cache() -> None:
@@ -234,3 +261,6 @@ class DiskStore:
         if found is not None:
             cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
             self._write(found[0], lambda tmp: save_file(cpu, str(tmp), metadata={**meta, "key": found[1]}))
+
+
+_DISK_ROWS = DiskStore("rows")  # [weights digest, editor's key] -> the tensors of a small RowReference

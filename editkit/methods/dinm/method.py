@@ -175,7 +175,7 @@ class DINM(EditingMethod):
         question_names = [name for name in ("questions", "own_question") if name in batches]
 
         t1 = time.perf_counter()
-        rows = cache.reference_rows(model, digest) if digest is not None else None
+        rows = cache.reference_rows(model, digest, disk=hp.disk_cache) if digest is not None else None
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows) as editor:
             timings["reference"] = editor.reference_seconds  # inside "edit" until now; split out below
             if rows is not None:
