@@ -18,7 +18,8 @@ the reason and nothing is read from or written to a cache for it.
 Three of them also live on disk (:class:`DiskStore`, under :func:`disk_dir`), because they cost a
 cold edit most and depend on nothing a process owns: the null-space key spaces (a forward pass over
 ~90 prompts and an eigendecomposition), the guard's self-answers (a generation) and the small
-reference rows (those of an edit of the top layer: its predicting positions only). A new process,
+reference rows (the guard's rows of an edit of the top layer, which keeps the predicting positions
+only). A new process,
 e.g. each ``editkit edit`` call, then pays for them once per model and layer, not once per edit.
 The disk key holds the same weights digest as the memory key; files are written atomically and a
 file that cannot be read is recomputed (and rewritten), never trusted.
@@ -98,9 +99,11 @@ class ModelCache:
 _ROWS = ModelCache(REFERENCE_BYTES, size=lambda row: row.nbytes)  # model -> (digest, editor's key) -> RowReference
 
 
-# rows up to this size also go to disk: those of an edit of the top layer, which keep the predicting
-# positions only (~10 KB a benign row on SmolLM2-135M); a row of a lower layer keeps every position
-DISK_ROW_BYTES = 64 * 2**10
+# rows up to this size also go to disk. On SmolLM2-135M a row of a top-layer edit keeps its predicting
+# positions only, ~11 KB each: a guard row (the same requests recur in every edit, 9 positions) is
+# ~100 KB, a record's own edit and knowledge rows (50-70 positions, of no use to another record) are
+# larger; a row of a lower layer keeps every position (~8 KB a token) and rarely fits
+DISK_ROW_BYTES = 128 * 2**10
 
 
 def _plain_key(key: Hashable) -> Any:
