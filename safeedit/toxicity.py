@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -95,6 +96,16 @@ def distinct_scores(texts: Sequence[str], ns: Sequence[int] = (1, 2, 3)) -> dict
 
 
 # --------------------------------------------------------------------------- seams
+
+
+# the judge's packaged head as read from any checkout or install: the same judge wherever it sits
+_PACKAGED_HEAD = re.compile(r"head_dir='[^']*/safeedit/data'")
+
+
+def _located(key: str, value: Any) -> Any:
+    """``value`` of settings ``key`` with what only says where a file sits (the packaged judge head's
+    folder) made the same, for comparing runs."""
+    return _PACKAGED_HEAD.sub("head_dir='safeedit/data'", value) if key == "scorer" and isinstance(value, str) else value
 
 
 def _describe(obj: Any) -> Any:
@@ -312,7 +323,7 @@ def _check_settings(path: Path, settings: dict[str, Any]) -> None:
     if path.exists():
         previous = json.loads(path.read_text(encoding="utf-8"))
         for key in settings:
-            if key != "label" and previous.get(key) != settings[key]:
+            if key != "label" and _located(key, previous.get(key)) != _located(key, settings[key]):
                 raise ValueError(f"{path.parent} holds a run with other settings ({path.name}: {key}); use another --out")
         if previous.get("label") == settings["label"]:
             return
@@ -394,11 +405,11 @@ def markdown_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     notes = []
     for key, what in (("prompts", "prompts"), ("max_new_tokens", "new tokens per sample"), ("scorer", "scorer"),
                       ("ref_model", "perplexity reference")):
-        values = {json.dumps(s.get(key), sort_keys=True) for s in summaries.values()}
+        values = {json.dumps(_located(key, s.get(key)), sort_keys=True) for s in summaries.values()}
         if len(values) == 1:
-            notes.append(f"{what}: {next(iter(summaries.values())).get(key)}")
+            notes.append(f"{what}: {_located(key, next(iter(summaries.values())).get(key))}")
         else:
-            each = "; ".join(f"{n}: {s.get(key)}" for n, s in summaries.items())
+            each = "; ".join(f"{n}: {_located(key, s.get(key))}" for n, s in summaries.items())
             notes.append(f"**{what} differ between runs**: {each}")
     notes.append("toxicity probability: share of prompts with a sample scoring > 0.5; PPL: exp(mean token NLL) of "
                  "the continuations given the prompt; distinct-n pooled over all generations of a run; decoding × "

@@ -467,3 +467,30 @@ def test_requests_default_to_chat_and_scoring_with_the_prompt(tokenizer, tmp_pat
     again = evaluate_toxicity(tiny_model("llama"), tokenizer, requests, tmp_path,
                               **{**FAST, "scorer": Recording(), "label": "renamed"})
     assert again["label"] == "renamed" and len(calls) == 1  # a new label on resume; nothing generated again
+
+
+def test_the_packaged_judge_read_from_another_checkout_is_the_same_scorer(tokenizer, tmp_path):
+    """A run resumes, and the report does not flag the scorer, when only the folder the packaged
+    judge head was read from differs (another checkout or install); another head still differs."""
+    import json as _json
+
+    from safeedit.toxicity import markdown_table
+
+    model = tiny_model("llama")
+    evaluate_toxicity(model, tokenizer, PROMPTS.limited(1), tmp_path / "run", **{**FAST, "k": 1})
+    config = tmp_path / "run" / "config.json"
+    settings = _json.loads(config.read_text())
+    settings["scorer"] = "EmbeddingJudge(head_dir='/elsewhere/checkout/safeedit/data', device='cpu')"
+    config.write_text(_json.dumps(settings))
+    here = "EmbeddingJudge(head_dir='/work/x/safeedit/data', device='cpu')"
+
+    class Named(KeywordJudge):
+        def __repr__(self):
+            return here
+
+    evaluate_toxicity(model, tokenizer, PROMPTS.limited(2), tmp_path / "run", **{**FAST, "k": 1, "scorer": Named()})
+    assert len(rows_of(tmp_path / "run")) == 2
+    same = markdown_table({"a": {"scorer": settings["scorer"]}, "b": {"scorer": here}})
+    assert "differ" not in same and "head_dir='safeedit/data'" in same
+    other = markdown_table({"a": {"scorer": settings["scorer"]}, "b": {"scorer": "EmbeddingJudge(head_dir='/my/heads', device='cpu')"}})
+    assert "**scorer differ between runs**" in other
