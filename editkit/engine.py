@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import torch
@@ -85,10 +85,13 @@ class RowReference:
     output: torch.Tensor | None = None  # [m, d_model] the edited layer's unedited output
     keys: torch.Tensor | None = None  # [m, d_in] the input of its MLP output projection
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields it holds (None ones left out), by name."""
+        return {f.name: t for f in fields(self) if (t := getattr(self, f.name)) is not None}
+
     @property
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.head_input, self.entry, self.output, self.keys)
-                   if t is not None)
+        return sum(t.element_size() * t.numel() for t in self.tensors().values())
 
 
 class RowStore(Protocol):
@@ -290,35 +293,30 @@ class DeltaEditor:
             pieces, hidden = self._traced_forward(sub)
             counts = sub.predicting_positions().sum(1).tolist()
             heads = hidden.split(counts)
-            if kind == "top":
-                outputs, top_keys = pieces.output.split(counts), pieces.keys.split(counts)
+            parts = {name: t for name, t in pieces.tensors().items() if name != "head_input"}
+            if kind == "top":  # kept at the predicting positions: [n_targets, ...], split by row
+                per_row = {name: t.split(counts) for name, t in parts.items()}
             for j, i in enumerate(missing):
-                if kind == "entry":
-                    row = RowReference(heads[j].clone(), entry=pieces.entry[j, :lengths[i]].clone())
-                elif kind == "replay":
-                    row = RowReference(heads[j].clone(), output=pieces.output[j, :lengths[i]].clone(),
-                                       keys=pieces.keys[j, :lengths[i]].clone())
-                else:
-                    row = RowReference(heads[j].clone(), output=outputs[j].clone(), keys=top_keys[j].clone())
-                found[i] = row
-                self.rows.put(keys[i], row)
+                own = ({name: t[j] for name, t in per_row.items()} if kind == "top"
+                       else {name: t[j, :lengths[i]] for name, t in parts.items()})
+                found[i] = RowReference(heads[j].clone(), **{name: t.clone() for name, t in own.items()})
+                self.rows.put(keys[i], found[i])
         self.row_stats["reused"] += len(found) - len(missing)
         self.row_stats["computed"] += len(missing)
         head_input = torch.cat([row.head_input.to(self.device) for row in found])
-        if kind == "top":
-            pieces = RowReference(head_input, output=torch.cat([row.output.to(self.device) for row in found]),
-                                  keys=torch.cat([row.keys.to(self.device) for row in found]))
-        else:
-            fields = ("entry",) if kind == "entry" else ("output", "keys")
-            padded = {}
-            for field in fields:  # pads: zero, seen by no real position
-                first = getattr(found[0], field)
-                padded[field] = torch.zeros((len(found), batch.input_ids.shape[1], first.shape[-1]),
-                                            dtype=first.dtype, device=self.device)
-                for i, row in enumerate(found):
-                    padded[field][i, :lengths[i]] = getattr(row, field)
-            pieces = RowReference(head_input, **padded)
-        return pieces, self._head(head_input)
+        assembled = {}
+        for name in found[0].tensors():
+            if name == "head_input":
+                continue
+            if kind == "top":
+                assembled[name] = torch.cat([getattr(row, name).to(self.device) for row in found])
+                continue
+            first = getattr(found[0], name)  # pads: zero, seen by no real position
+            assembled[name] = torch.zeros((len(found), batch.input_ids.shape[1], first.shape[-1]),
+                                          dtype=first.dtype, device=self.device)
+            for i, row in enumerate(found):
+                assembled[name][i, :lengths[i]] = getattr(row, name)
+        return RowReference(head_input, **assembled), self._head(head_input)
 
     def _probe_layer_output(self, batch: TokenBatch) -> None:
         """Whether the decoder layers return tuples, from a one-token forward (the pass-through

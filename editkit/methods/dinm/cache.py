@@ -19,8 +19,8 @@ Three of them also live on disk (:class:`DiskStore`, under :func:`disk_dir`), be
 cold edit most and depend on nothing a process owns: the null-space key spaces (a forward pass over
 ~90 prompts and an eigendecomposition), the guard's self-answers (a generation) and the small
 reference rows (the guard's rows of an edit of the top layer, which keeps the predicting positions
-only). A new process,
-e.g. each ``editkit edit`` call, then pays for them once per model and layer, not once per edit.
+only). A new process, e.g. each ``editkit edit`` call, then pays for them once per model and layer,
+not once per edit.
 The disk key holds the same weights digest as the memory key; files are written atomically and a
 file that cannot be read is recomputed (and rewritten), never trusted.
 """
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from torch import nn
 
 from editkit.arch import ArchMap
@@ -134,9 +133,7 @@ class _ReferenceRows:
     def put(self, key: Hashable, value: RowReference) -> None:
         _ROWS.put(self.model, (self.digest, key), value)
         if self.disk and value.nbytes <= DISK_ROW_BYTES:
-            tensors = {name: t for name in ("head_input", "entry", "output", "keys")
-                       if (t := getattr(value, name)) is not None}
-            _DISK_ROWS.write_tensors([self.digest, _plain_key(key)], tensors, {})
+            _DISK_ROWS.write_tensors([self.digest, _plain_key(key)], value.tensors(), {})
 
 
 def reference_rows(model: nn.Module, digest: str, *, disk: bool = False) -> _ReferenceRows:

@@ -46,8 +46,9 @@ class DINMConfig(LayerEditConfig):
                            "under a fingerprint of its weights, see editkit.methods.dinm.cache (clear_cache() "
                            "forgets); off: everything is computed for every edit", runtime=True)
     disk_cache: bool = hp(True, "also keep the null-space key spaces and (with guard_cache) the guard's self-answers "
-                          "and the small reference rows (top-layer edits) on disk, under $EDITKIT_DINM_CACHE or dinm/ in editkit's cache ($EDITKIT_DINM_CACHE=off: "
-                          "never), so that a new process does not recompute them: they cost most of a cold edit",
+                          "and the small reference rows (top-layer edits) on disk, under $EDITKIT_DINM_CACHE or "
+                          "dinm/ in editkit's cache ($EDITKIT_DINM_CACHE=off: never), so that a new process does "
+                          "not recompute them: they cost most of a cold edit",
                           runtime=True)
     own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
                                    "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
