@@ -30,7 +30,8 @@ recorded per case). The warm-up runs on a record that is not timed:
   c_edit 0.1, the edit NLL plus the KL on the record's knowledge pair and no guard
   (``benign_constraint=0``, ``constraint_pairs=0``, every optional term at its default, off);
   encoding and localisation as committed. Wall time of the whole call, localisation included.
-* the compute floor, measured directly on every token batch the committed configuration trains on:
+* the compute floor (``bench/dinm_floor.py``), measured directly on every token batch the committed
+  configuration trains on:
   "edit", "kl" and, with the guard, "benign" (built as DINM builds it, with editkit's own
   ``pick_requests`` + ``self_answered_pairs`` + ``encode_pairs``; the bench checks the pair count
   against the edit's metrics and refuses a configuration whose loss reads a batch it does not
@@ -77,23 +78,23 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 import editkit
 from editkit.methods.dinm import clear_cache as clear_dinm_caches
-from editkit.arch import decoder_layers, get_module, linear_delta, lm_head, resolve_arch
-from editkit.hooks import Trace
+from editkit.arch import decoder_layers, resolve_arch
 from editkit.hparams import HParams
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.registry import hparams_path
 from editkit.text import encode_pairs, with_suffix
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling module, also when loaded by path
+from dinm_floor import capture, floor_seconds  # noqa: E402
 PRESET = "smollm2-135m"  # editkit/presets/DINM/smollm2-135m.yaml: the configuration we ship
 # The reference implementation's kind of DINM edit (the paper's settings): full model at every step,
 # exactly 10 steps, edit NLL + KL on the knowledge pair, no guard. Every other optional term stays at
@@ -163,95 +164,6 @@ def timed_edit(model: Any, tok: Any, inst: Any, config: HParams, *, disk: Path |
         start = time.perf_counter()
         result = editkit.edit(model, inst, tokenizer=tok, hparams=config, **kwargs)
         return result, time.perf_counter() - start
-
-
-# --------------------------------------------------------------------------------- compute floor
-
-
-class _Frozen:
-    """Parameters do not require grad inside the block (restored after)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self) -> None:
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.params:
-            p.requires_grad_(True)
-
-
-@torch.no_grad()
-def capture(model: Any, arch: Any, layer: int, batch: Any) -> dict[str, Any]:
-    """One full no-grad forward: ``layer``'s output and the input of its MLP output projection (the
-    keys), the args every layer above ``layer`` is called with, and the unedited logits at the loss
-    positions. Also times the forward."""
-    layers = decoder_layers(model, arch)
-    calls: dict[int, tuple[tuple, dict]] = {}
-
-    def keep(i: int):
-        def hook(module, args, kwargs):
-            calls[i] = (args, dict(kwargs))
-        return hook
-
-    with ExitStack() as stack:
-        for i in range(layer + 1, len(layers)):
-            stack.callback(layers[i].register_forward_pre_hook(keep(i), with_kwargs=True).remove)
-        output = stack.enter_context(Trace(layers[layer], retain_output=True, detach=True))
-        keys = stack.enter_context(Trace(get_module(layers[layer], arch.mlp_out), retain_input=True,
-                                         retain_output=False, detach=True))
-        start = time.perf_counter()
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        seconds = time.perf_counter() - start
-    positions = batch.predicting_positions()
-    return {"output": output.output, "keys": keys.input.float(), "calls": calls, "positions": positions,
-            "targets": batch.targets(), "reference": F.log_softmax(out.logits[positions].float(), -1),
-            "ref_seconds": seconds}
-
-
-def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], steps: int,
-                  head: bool) -> tuple[float, dict[str, float]]:
-    """T × (forward + backward of: the edited layer's change Δ·K added to its cached output,
-    layers[layer + 1:] + final norm [+ LM head at the loss positions]) for every batch; at the top
-    layer only the loss positions are computed. Also returns the first iteration's loss per batch
-    (with the head: DINM's unedited NLL on "edit", KL on the others)."""
-    layers = decoder_layers(model, arch)
-    norm = get_module(model, arch.final_norm)
-    out_proj = get_module(layers[layer], arch.mlp_out)
-    delta = torch.zeros(out_proj.weight.shape, dtype=torch.float32, device=out_proj.weight.device, requires_grad=True)
-    top = layer == len(layers) - 1
-
-    def step(c: dict[str, Any], name: str) -> torch.Tensor:
-        if top:
-            where = c["positions"]
-            change = linear_delta(c["keys"][where], delta, arch.mlp_out_transposed)
-            hidden = norm(c["output"][where] + change.to(c["output"].dtype))  # [n_targets, d_model]
-        else:
-            change = linear_delta(c["keys"], delta, arch.mlp_out_transposed)
-            hidden = c["output"] + change.to(c["output"].dtype)  # [batch, seq, d_model]
-            for i in range(layer + 1, len(layers)):
-                args, kwargs = c["calls"][i]
-                hidden = layers[i](hidden, *args[1:], **kwargs)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
-        if not head:
-            return hidden.float().pow(2).mean()
-        logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
-        if name == "edit":
-            return F.cross_entropy(logits, c["targets"])
-        return F.kl_div(F.log_softmax(logits, -1), c["reference"], log_target=True, reduction="batchmean")
-
-    with _Frozen(model):
-        first: dict[str, float] = {}
-        start = time.perf_counter()
-        for _ in range(steps):
-            for name, c in captured.items():
-                loss = step(c, name)
-                loss.backward(inputs=[delta])
-                first.setdefault(name, loss.item())
-        return time.perf_counter() - start, first
 
 
 # ----------------------------------------------------------------------------------------- memory

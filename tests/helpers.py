@@ -33,3 +33,27 @@ def no_hooks(model) -> bool:
     """No forward or backward hook on any module of ``model``."""
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                    for m in model.modules())
+
+
+# -- patches: a random delta on one MLP output projection of a tiny model, and logits to compare
+
+PATCH_IDS = torch.tensor([[5, 70, 80, 90, 100, 33, 44, 120]])
+PATCH_TARGET = {"llama": "model.layers.1.mlp.down_proj.weight", "gpt2": "transformer.h.1.mlp.c_proj.weight"}
+
+
+def make_patch(model, family: str = "llama", scale: float = 0.05, seed: int = 7):
+    """A test Patch of one random delta (``scale`` × N(0, 1)) on ``PATCH_TARGET[family]``."""
+    from editkit.patch import Patch
+
+    name = PATCH_TARGET[family]
+    weight = dict(model.named_parameters())[name]
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(weight.shape, generator=gen) * scale
+    return Patch.from_deltas(model, {name: delta}, method="test", layer=1, hparams={"lr": 1e-3},
+                             metrics={"edit_nll_after": 1.5})
+
+
+def patch_logits(model) -> torch.Tensor:
+    """The model's logits on ``PATCH_IDS`` (no grad)."""
+    with torch.no_grad():
+        return model(input_ids=PATCH_IDS).logits
