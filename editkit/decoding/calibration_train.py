@@ -163,7 +163,7 @@ class CalibrationRun:
 def train_calibration_model(model: nn.Module, tokenizer: Any, texts: Sequence[str], **settings: Any) -> CalibrationRun:
     """The calibration model: a copy of ``model`` fine-tuned on non-toxic ``texts``
     (:func:`non_toxic_texts`) by :func:`fine_tune_copy`, which takes the same ``settings``."""
-    return fine_tune_copy(model, tokenizer, texts, **settings)
+    return fine_tune_copy(model, tokenizer, texts, **{"desc": "calibration model", **settings})
 
 
 def fine_tune_copy(
@@ -177,13 +177,14 @@ def fine_tune_copy(
     max_length: int = 128,
     seed: int = 0,
     progress: bool = False,
+    desc: str = "fine-tuning",
 ) -> CalibrationRun:
     """Fine-tune a copy of ``model`` (all its weights) on ``texts`` with the plain LM loss (the
     calibration model on non-toxic text, DExperts' anti-expert on toxic text): each text
     is tokenized (special tokens as the tokenizer adds them), cut to ``max_length`` tokens and ended
     with the end-of-sequence token; batches of ``batch_size`` texts are drawn in a seeded shuffled
-    order, ``steps`` AdamW steps. ``model`` is not changed; the copy is returned in eval mode, its
-    ``requires_grad`` flags as the original's."""
+    order, ``steps`` AdamW steps (``desc`` names them on the progress bar). ``model`` is not changed;
+    the copy is returned in eval mode, its ``requires_grad`` flags as the original's."""
     from editkit.methods.model_state import global_rng_kept
     from editkit.text import pad_right
 
@@ -211,7 +212,7 @@ def fine_tune_copy(
     losses: list[float] = []
     with global_rng_kept(), torch.enable_grad():
         torch.manual_seed(seed)  # dropout, inside the forked generators
-        for _ in tqdm(range(steps), desc="calibration model", disable=not progress, leave=False):
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             if len(order) < batch_size:
                 order += torch.randperm(len(encoded), generator=generator).tolist()
             pick, order = order[:batch_size], order[batch_size:]

@@ -138,12 +138,12 @@ def run_train_detoxigen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fine_tune(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str]) -> Any:
+def _fine_tune(args: argparse.Namespace, model: Any, tokenizer: Any, texts: list[str], desc: str) -> Any:
     from editkit.decoding.calibration_train import fine_tune_copy
 
     settings = _trainer_settings(args, lr="lr", steps="steps")
     return fine_tune_copy(model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length,
-                          seed=args.seed, progress=True, **settings)
+                          seed=args.seed, progress=True, desc=desc, **settings)
 
 
 def _run_summary(run: Any) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def run_train_anti_expert(args: argparse.Namespace) -> int:
     _refuse_existing(out / "model", args.overwrite)
     texts, info = _start(args, toxic=True)
     model, tokenizer = editkit.load_model(args.model, device=args.device)
-    run = _fine_tune(args, model, tokenizer, texts)
+    run = _fine_tune(args, model, tokenizer, texts, "anti-expert")
     editkit.save_checkpoint(run.model, tokenizer, out / "model", overwrite=args.overwrite)
     summary = _run_summary(run)
     _write_report(out, {"artifact": "DExperts anti-expert (the model fine-tuned on toxic text)", "data": info,
@@ -189,7 +189,7 @@ def run_train_calibration(args: argparse.Namespace) -> int:
                              "calibration fusion needs one shared tokenizer")
     else:
         small, small_tokenizer = target, tokenizer
-    run = _fine_tune(args, small, small_tokenizer, texts)
+    run = _fine_tune(args, small, small_tokenizer, texts, "calibration model")
     started = time.perf_counter()
     alignment = train_alignment(target, run.model, tokenizer, small_tokenizer, steps=args.alignment_steps,
                                 seed=args.seed, progress=True)
