@@ -5,6 +5,8 @@ model.generate with the processor, α = 0 as plain decoding, InfoNCE training, t
 save/load and its refusal of other models, and nothing left behind after a generation or an error."""
 from __future__ import annotations
 
+import copy
+
 import functools
 
 import pytest
@@ -235,14 +237,16 @@ def test_info_nce_lowers_its_loss_and_pairs_tokens_by_string() -> None:
     gen, tok = tiny_model("llama", seed=0), tiny_tokenizer()
     cal = _linear_image(gen)
     before = {k: v.clone() for k, v in _weights(gen, cal).items()}
-    alignment = train_alignment(gen, cal, tok, tok, steps=150, lr=1e-2, temperature=0.1, batch_size=128, seed=0)
+    alignment = train_alignment(gen, cal, tok, tok, steps=150, lr=1e-2, temperature=0.1, batch_size=128, seed=0,
+                                init="random")
     m = alignment.metrics
     assert m["loss_last"] < 0.5 * m["loss_first"] and m["top1_after"] > 0.9 > m["top1_before"]
     assert alignment.same_vocabulary and m["shared_tokens"] == 260 and tuple(alignment.matrix.shape) == (48, 32)
     after = _weights(gen, cal)
     assert all(torch.equal(before[k], after[k]) for k in before)  # only copies of the embeddings were read
     # the same seed, the same matrix
-    again = train_alignment(gen, cal, tok, tok, steps=150, lr=1e-2, temperature=0.1, batch_size=128, seed=0)
+    again = train_alignment(gen, cal, tok, tok, steps=150, lr=1e-2, temperature=0.1, batch_size=128, seed=0,
+                            init="random")
     assert torch.equal(again.matrix, alignment.matrix)
     # the loss itself: a perfect map scores near 0 at a low temperature, a shuffled one does not
     x = torch.randn(8, 5)
@@ -253,10 +257,34 @@ def test_info_nce_lowers_its_loss_and_pairs_tokens_by_string() -> None:
     ids_t, ids_c = shared_tokens(tok, other)
     assert len(ids_t) == 260 and not torch.equal(ids_t, ids_c)
     permuted = _linear_image(gen, seed=2, permutation=_order(ids_t, ids_c))
-    crossed = train_alignment(gen, permuted, tok, other, steps=150, lr=1e-2, temperature=0.1, batch_size=128)
+    crossed = train_alignment(gen, permuted, tok, other, steps=150, lr=1e-2, temperature=0.1, batch_size=128,
+                              init="random")
     assert crossed.metrics["top1_after"] > 0.9 and not crossed.same_vocabulary
     with pytest.raises(AlignmentError, match="one tokenizer"):
         CalibrationFusion(gen, permuted, crossed)
+
+
+def test_procrustes_start_maps_a_model_onto_itself_and_a_rotation_back() -> None:
+    # The default start is the orthogonal map closest to carrying the calibration embeddings onto the
+    # target's: the identity for a model against itself, the inverse rotation for a rotated copy. A
+    # random start retrieves tokens as well after training yet scatters every hidden dimension over all
+    # the others (on the default model that fused into nonsense text).
+    gen, tok = tiny_model("llama", seed=0), tiny_tokenizer()
+    same = train_alignment(gen, gen, tok, tok, steps=1, lr=1e-6)
+    assert same.settings["init"] == "procrustes" and same.metrics["top1_before"] > 0.99
+    assert torch.allclose(same.matrix, torch.eye(32), atol=1e-3)
+    rotation, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
+    rotated = copy.deepcopy(gen)
+    with torch.no_grad():
+        weights = {id(m.weight): m.weight for m in (rotated.get_input_embeddings(), rotated.get_output_embeddings())}
+        for weight in weights.values():  # once each: tied models share one
+            weight.copy_(weight @ rotation)
+    back = train_alignment(gen, rotated, tok, tok, steps=1, lr=1e-6)
+    assert torch.allclose(back.matrix, rotation.T, atol=1e-3)
+    randomly = train_alignment(gen, gen, tok, tok, steps=1, lr=1e-6, init="random")
+    assert (randomly.matrix - torch.eye(32)).norm() > 1.0
+    with pytest.raises(ValueError, match="init"):
+        train_alignment(gen, gen, tok, tok, steps=1, init="zeros")
 
 
 def _order(ids_t: torch.Tensor, ids_c: torch.Tensor) -> list[int]:

@@ -67,6 +67,8 @@ def add_calibration_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-model", default=None, help="the small model to fine-tune (default: --model); "
                    "it must share the generator's tokenizer")
     p.add_argument("--alignment-steps", type=int, default=500)
+    p.add_argument("--alignment-init", choices=("procrustes", "random"), default="procrustes",
+                   help="the alignment's start: the orthogonal map between the embedding tables (default) or random")
     p.set_defaults(func=run_train_calibration)
 
 
@@ -192,7 +194,7 @@ def run_train_calibration(args: argparse.Namespace) -> int:
     run = _fine_tune(args, small, small_tokenizer, texts, "calibration model")
     started = time.perf_counter()
     alignment = train_alignment(target, run.model, tokenizer, small_tokenizer, steps=args.alignment_steps,
-                                seed=args.seed, progress=True)
+                                init=args.alignment_init, seed=args.seed, progress=True)
     align_seconds = time.perf_counter() - started
     editkit.save_checkpoint(run.model, small_tokenizer, out / "model", overwrite=args.overwrite)
     alignment.save(out / "alignment", overwrite=args.overwrite)
@@ -202,6 +204,7 @@ def run_train_calibration(args: argparse.Namespace) -> int:
                         "data": info, "settings": {"lr": args.lr, "steps": args.steps, "batch_size": args.batch_size,
                                                    "max_length": args.max_length, "seed": args.seed,
                                                    "alignment_steps": args.alignment_steps,
+                                                   "alignment_init": args.alignment_init,
                                                    "calibration_model": args.calibration_model or args.model},
                         "metrics": summary, "train_losses": run.losses})
     print(json.dumps(summary, indent=2))
