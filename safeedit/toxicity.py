@@ -166,7 +166,8 @@ def over_refusal(model: Any, tokenizer: Any, judge: Any, *, intervention: Any = 
     asked = [r["request"] for r in requests]
     with intervention.around_run(model), intervention.for_case(model, tokenizer, None):  # type: ignore[arg-type]
         texts = editkit.generate(model, tokenizer, asked, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 suffix=intervention.suffix, chat_template="auto", **detoxifier_kwargs(detoxifier))
+                                 suffix=intervention.suffix, chat_template="auto", progress="benign requests",
+                                 **detoxifier_kwargs(detoxifier))
     refusal = judge.refusal(texts, asked)
     reporting = [(p, r) for p, r in zip(refusal, requests) if r["part"] == "reporting"]
     out: dict[str, Any] = {"over_refusal": metrics.refusal_rate([p for p, _ in reporting])}

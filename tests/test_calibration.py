@@ -1,12 +1,13 @@
 """Calibration-model fusion (editkit.decoding.calibration, calibration_train): the step against the
-fusion h′ = α·LN(h_cal·A) + (1−α)·h computed before the LM head by hand, the greedy loop against a
+fusion h′ = α·N(h_cal·A) + (1−α)·h computed before the LM head by hand (N: rescaled to h's RMS,
+layer-normalised, or nothing), a copy of the generator with the identity alignment as a no-op, the greedy loop against a
 slow reference that hooks the generator's final norm (while rows leave the batch) and against
 model.generate with the processor, α = 0 as plain decoding, InfoNCE training, the alignment's
 save/load and its refusal of other models, and nothing left behind after a generation or an error."""
 from __future__ import annotations
 
+import contextlib
 import copy
-
 import functools
 
 import pytest
@@ -45,22 +46,26 @@ def _last_hidden(model, seq: list[int]) -> torch.Tensor:
     return base(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
 
 
-def _normed(gen, mapped: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "target":
-        return get_module(gen, resolve_arch(gen).final_norm)(mapped)
-    return nn.functional.layer_norm(mapped, mapped.shape[-1:], eps=1e-5)
+def _normed(mapped: torch.Tensor, h: torch.Tensor, norm: str) -> torch.Tensor:
+    """N(h_cal·A) for the generator's own last hidden state ``h``, written out."""
+    if norm == "rms":
+        return mapped * (h.pow(2).mean().sqrt() / mapped.pow(2).mean().sqrt())
+    if norm == "layer":
+        return (mapped - mapped.mean()) / (mapped.var(unbiased=False) + 1e-5).sqrt()
+    return mapped
 
 
-def _fused_by_hand(gen, cal, matrix, seq, alpha: float, norm: str = "layer") -> torch.Tensor:
-    """head(α·LN(h_cal·A) + (1−α)·h) [vocab], every state from the whole sequence."""
+def _fused_by_hand(gen, cal, matrix, seq, alpha: float, norm: str = "rms") -> torch.Tensor:
+    """head(α·N(h_cal·A) + (1−α)·h) [vocab], every state from the whole sequence."""
     with torch.no_grad():
         h, h_cal = _last_hidden(gen, seq), _last_hidden(cal, seq)
-        return gen.get_output_embeddings()(alpha * _normed(gen, h_cal @ matrix, norm) + (1 - alpha) * h)
+        return gen.get_output_embeddings()(alpha * _normed(h_cal @ matrix, h, norm) + (1 - alpha) * h)
 
 
-def _hooked_reference(gen, cal, matrix, prompt, steps: int, alpha: float, suppress=(), eos=None) -> list[int]:
+def _hooked_reference(gen, cal, matrix, prompt, steps: int, alpha: float, suppress=(), eos=None,
+                      norm: str = "rms") -> list[int]:
     """Fusion greedy decoding as the method is described: a hook on the generator's final norm
-    replaces the last position's hidden state by h′ (the calibration model run over the whole
+    replaces the last position's hidden state h by h′ (the calibration model run over the whole
     sequence, no cache), then the generator's own LM head; argmax."""
     norm_module = get_module(gen, resolve_arch(gen).final_norm)
     seq = list(prompt)
@@ -70,8 +75,8 @@ def _hooked_reference(gen, cal, matrix, prompt, steps: int, alpha: float, suppre
 
             def replace(module, args, output):
                 output = output.clone()
-                fused = nn.functional.layer_norm(h_cal @ matrix, output.shape[-1:], eps=1e-5)
-                output[:, -1] = alpha * fused + (1 - alpha) * output[:, -1]
+                h = output[0, -1]
+                output[:, -1] = alpha * _normed(h_cal @ matrix, h, norm) + (1 - alpha) * h
                 return output
 
             handle = norm_module.register_forward_hook(replace)
@@ -89,12 +94,9 @@ def _hooked_reference(gen, cal, matrix, prompt, steps: int, alpha: float, suppre
 def _hf_generate(model, ids, max_new_tokens, eos, suppress, detoxifier=None) -> list[int]:
     x = torch.tensor([ids])
     extra = {"logits_processor": [detoxifier.as_logits_processor(max_new_tokens=max_new_tokens)]} if detoxifier else {}
-    try:
+    with detoxifier.active(model) if detoxifier is not None else contextlib.nullcontext():
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, suppress_tokens=suppress,
                              max_new_tokens=max_new_tokens, pad_token_id=PAD, eos_token_id=eos, **extra)
-    finally:
-        if detoxifier is not None:
-            detoxifier.finish()
     return out[0, len(ids):].tolist()
 
 
@@ -113,8 +115,8 @@ class _Spy:
 # --------------------------------------------------------------------------- the fusion
 
 
-@pytest.mark.parametrize("gen_type, cal_type, norm", [("llama", "gpt2", "layer"), ("gpt2", "llama", "target"),
-                                                      ("qwen2", "gpt_neox", "layer")])
+@pytest.mark.parametrize("gen_type, cal_type, norm", [("llama", "gpt2", "rms"), ("gpt2", "llama", "layer"),
+                                                      ("qwen2", "gpt_neox", "none"), ("llama", "gpt2", "layer")])
 def test_step_is_the_fusion_before_the_head(gen_type: str, cal_type: str, norm: str) -> None:
     gen = _model(gen_type, scale=1.0)
     cal = _model(cal_type, seed=5, scale=1.0, hidden_size=48)  # another family, another width
@@ -122,17 +124,17 @@ def test_step_is_the_fusion_before_the_head(gen_type: str, cal_type: str, norm: 
     fusion = CalibrationFusion(gen, cal, alignment, alpha=0.3, norm=norm)
     prompts = _prompts()[:3]
     rows = torch.arange(3)
-    with torch.no_grad():
+    seqs = [prompts[0] + [11], prompts[2] + [13]]  # one token later (and a row gone)
+    want = [torch.stack([_fused_by_hand(gen, cal, alignment.matrix, p, 0.3, norm) for p in prompts]),
+            torch.stack([_fused_by_hand(gen, cal, alignment.matrix, s, 0.3, norm) for s in seqs])]
+    with torch.no_grad(), fusion.active(gen):
         z = torch.stack([gen(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts])
         fusion.start(prompts, max_new_tokens=3)
-        want = torch.stack([_fused_by_hand(gen, cal, alignment.matrix, p, 0.3, norm) for p in prompts])
-        torch.testing.assert_close(fusion.step(z, None, rows), want, rtol=1e-4, atol=1e-4)
-        # one token later (and a row gone): the calibration model's cache took the token in
-        fed = torch.tensor([11, 13])
-        seqs = [prompts[0] + [11], prompts[2] + [13]]
+        torch.testing.assert_close(fusion.step(z, None, rows), want[0], rtol=1e-4, atol=1e-4)
+        # the calibration model's cache took the fed tokens in
         z1 = torch.stack([gen(input_ids=torch.tensor([s])).logits[0, -1] for s in seqs])
-        want = torch.stack([_fused_by_hand(gen, cal, alignment.matrix, s, 0.3, norm) for s in seqs])
-        torch.testing.assert_close(fusion.step(z1, fed, torch.tensor([0, 2])), want, rtol=1e-4, atol=1e-4)
+        got = fusion.step(z1, torch.tensor([11, 13]), torch.tensor([0, 2]))
+        torch.testing.assert_close(got, want[1], rtol=1e-4, atol=1e-4)
     fusion.finish()
 
 
@@ -143,7 +145,8 @@ def test_loop_equals_the_hooked_reference_while_rows_leave(model_type: str, monk
     fusion = CalibrationFusion(gen, cal, alignment, alpha=0.5)
     prompts = _prompts(seed=1)
     args = dict(max_new_tokens=10, suppress_tokens=NO_SPECIALS)
-    free = greedy_decode(gen, prompts, eos_token_id=EOS, detoxifier=fusion, **args)
+    with fusion.active(gen):  # greedy_decode leaves the detoxifier's hooks to its caller
+        free = greedy_decode(gen, prompts, eos_token_id=EOS, detoxifier=fusion, **args)
     assert free != greedy_decode(gen, prompts, eos_token_id=EOS, **args)
     # an "end" token the longest prompt produces early: rows stop at different steps (or never)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -154,15 +157,18 @@ def test_loop_equals_the_hooked_reference_while_rows_leave(model_type: str, monk
     real_keep = incremental.SlabBatch.keep
     monkeypatch.setattr(incremental.SlabBatch, "keep",
                         lambda self, index: kept.append((self.rows, len(index))) or real_keep(self, index))
-    got = greedy_decode(gen, prompts, max_new_tokens=10, eos_token_id=eos, suppress_tokens=suppress, detoxifier=fusion)
+    with fusion.active(gen):
+        got = greedy_decode(gen, prompts, max_new_tokens=10, eos_token_id=eos, suppress_tokens=suppress,
+                            detoxifier=fusion)
     assert kept and kept[0::2] == kept[1::2]  # the calibration batch dropped the generator's rows
     assert len(got[longest]) == stop_at + 1 and any(len(g) == 10 for g in got)
     assert got == [_hooked_reference(gen, cal, alignment.matrix, p, 10, 0.5, suppress, eos) for p in prompts]
     assert got == [_hf_generate(gen, p, 10, eos, suppress, detoxifier=fusion) for p in prompts]
     # a calibration model the loop does not know runs padded, with the same hidden states
     monkeypatch.setattr(cal.config, "model_type", "my_llama")
-    assert greedy_decode(gen, prompts, max_new_tokens=10, eos_token_id=eos, suppress_tokens=suppress,
-                         detoxifier=fusion) == got
+    with fusion.active(gen):
+        assert greedy_decode(gen, prompts, max_new_tokens=10, eos_token_id=eos, suppress_tokens=suppress,
+                             detoxifier=fusion) == got
 
 
 # --------------------------------------------------------------------------- alpha = 0
@@ -173,13 +179,14 @@ def test_alpha_zero_is_plain_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     fusion = CalibrationFusion(gen, cal, _alignment(gen, cal), alpha=0.0)
     scores = torch.randn(2, 260)
     scores[:, :2] = float("-inf")
-    assert torch.equal(fusion.fuse(scores, torch.randn(2, 32)), scores)  # bit for bit
+    assert torch.equal(fusion.fuse(scores, torch.randn(2, 32), torch.randn(2, 32)), scores)  # bit for bit
     cal_forward = _Spy(cal.forward)
     monkeypatch.setattr(cal, "forward", cal_forward)
     prompts = _prompts()
     plain = greedy_decode(gen, prompts, max_new_tokens=8, eos_token_id=EOS, suppress_tokens=NO_SPECIALS)
-    assert greedy_decode(gen, prompts, max_new_tokens=8, eos_token_id=EOS, suppress_tokens=NO_SPECIALS,
-                         detoxifier=fusion) == plain
+    with fusion.active(gen):
+        assert greedy_decode(gen, prompts, max_new_tokens=8, eos_token_id=EOS, suppress_tokens=NO_SPECIALS,
+                             detoxifier=fusion) == plain
     assert cal_forward.calls > len(prompts)  # the calibration model did run, every step
     greedy = dict(max_new_tokens=6, batch_size=3, suppress_tokens=NO_SPECIALS)
     spy = _Spy(gen.generate)
@@ -197,6 +204,38 @@ def test_alpha_zero_is_plain_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
         sampled.append(editkit.generate(gen, tok, TEXTS, max_new_tokens=6, do_sample=True, top_k=20,
                                         detoxifier=detoxifier))
     assert sampled[0] == sampled[1]
+
+
+def test_a_copy_of_the_generator_changes_nothing_unless_layer_normalised(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The generator fused with a copy of itself through the identity must sample what it samples alone
+    # (both decoding paths). The parameter-free layer norm does not: it puts the calibrated part on
+    # the unit scale, not the generator's, which flattens the fused distribution (on SmolLM2 sampled
+    # text turned to nonsense that way).
+    gen, tok = _model("llama", scale=3.0), tiny_tokenizer()
+    with torch.no_grad():
+        gen.model.norm.weight.fill_(2.5)  # head inputs of RMS 2.5, as trained final norms make them
+    copy_ = copy.deepcopy(gen)
+    identity = Alignment.for_models(gen, copy_, torch.eye(32), tokenizers=(tok, tok))
+    sample = dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=0.9, temperature=1.0)
+
+    def texts(detoxifier) -> list[str]:
+        torch.manual_seed(0)
+        return editkit.generate(gen, tok, TEXTS * 2, detoxifier=detoxifier, **sample)
+
+    fusions = {norm: CalibrationFusion(gen, copy_, identity, alpha=0.5, norm=norm) for norm in ("rms", "none", "layer")}
+    for family in ("llama", "my_llama"):  # the greedy loop, then model.generate with the processor
+        monkeypatch.setattr(gen.config, "model_type", family)
+        plain = texts(None)
+        assert len(set(plain)) > 3
+        for norm in ("rms", "none"):
+            assert texts(fusions[norm]) == plain, (family, norm)
+        assert texts(fusions["layer"]) != plain
+    # the scale comes from the generator's own head input, so the fusion must be active while it runs
+    fusion = fusions["rms"]
+    fusion.start([[5, 6, 7]], max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="active"):
+        fusion.step(torch.zeros(1, 260), None, torch.arange(1))
+    fusion.finish()
 
 
 # --------------------------------------------------------------------------- the alignment
@@ -330,7 +369,9 @@ def test_alignment_save_load_and_refusals(tmp_path) -> None:
     with pytest.raises(ValueError, match="alpha"):
         CalibrationFusion(gen, cal, alignment, alpha=1.5)
     with pytest.raises(ValueError, match="norm"):
-        CalibrationFusion(gen, cal, alignment, norm="rms")
+        CalibrationFusion(gen, cal, alignment, norm="target")
+    with pytest.raises(ValueError, match="another model"):
+        CalibrationFusion(gen, gen, Alignment.for_models(gen, gen, torch.eye(32), tokenizers=(tiny_tokenizer(),) * 2))
     with pytest.raises(ValueError, match="input"):
         embedding_parameter(gen, "middle")
 
@@ -379,8 +420,8 @@ def test_from_options(tmp_path) -> None:
     tok.save_pretrained(tmp_path / "cal")
     _alignment(gen, cal).save(tmp_path / "align")
     fusion = CalibrationFusion.from_options(gen, tok, calibration=str(tmp_path / "cal"),
-                                            alignment=str(tmp_path / "align"), alpha="0.25", norm="target")
-    assert fusion.alpha == 0.25 and fusion.norm == "target" and fusion.label == "calibration"
+                                            alignment=str(tmp_path / "align"), alpha="0.25", norm="layer")
+    assert fusion.alpha == 0.25 and fusion.norm == "layer" and fusion.label == "calibration"
     settings = fusion.settings()
     assert settings["kind"] == "calibration" and settings["calibration_type"] == "gpt2"
     assert len(editkit.generate(gen, tok, TEXTS[:2], max_new_tokens=3, detoxifier=fusion)) == 2

@@ -15,6 +15,7 @@ from editkit.decoding.calibration_train import non_toxic_texts
 from editkit.decoding.detoxigen_train import load_toxic_texts
 from editkit.instance import id_ranks
 from editkit.models import tiny_model
+from editkit.patch import Patch
 from safeedit.toxicity_prompts import PromptSet, ToxicityPrompt, fold_texts, load_prompts, parse_fold, text_key
 
 
@@ -120,6 +121,16 @@ def test_train_anti_expert_and_calibration_commands(tiny_load, tokenizer, shared
     dexperts = DExperts.from_options(tiny_load, tokenizer, anti_expert=str(tmp_path / "anti" / "model"))
     trained = dict(dexperts.anti_expert.named_parameters())
     assert any(not torch.equal(p, trained[n]) for n, p in tiny_load.named_parameters())  # fine-tuned, not a copy
+    # the generator's patch on the anti-expert too (made for the base, added to the fine-tuned copy)
+    name = "model.layers.1.mlp.down_proj.weight"
+    delta = torch.randn_like(dict(tiny_load.named_parameters())[name])
+    Patch.from_deltas(tiny_load, {name: delta}).save(tmp_path / "patch")
+    patched = DExperts.from_options(tiny_load, tokenizer, anti_expert=str(tmp_path / "anti" / "model"),
+                                    anti_expert_patch=str(tmp_path / "patch"))
+    torch.testing.assert_close(dict(patched.anti_expert.named_parameters())[name], trained[name] + delta)
+    assert patched.settings()["anti_expert_patch"] == str(tmp_path / "patch")
+    assert "anti_expert_patch" not in dexperts.settings()
+    snap.assert_same(tiny_load)  # the generator itself is not patched
     fusion = CalibrationFusion.from_options(tiny_load, tokenizer, calibration=str(tmp_path / "cal" / "model"),
                                             alignment=str(tmp_path / "cal" / "alignment"))
     assert fusion.alpha == 0.5

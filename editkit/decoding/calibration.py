@@ -7,21 +7,32 @@ hidden space by an *alignment matrix* ``A`` [d_cal, d_target] (learnt with InfoN
 of the tokens both vocabularies share, :func:`editkit.decoding.calibration_train.train_alignment`)
 and fused with the generator's own last hidden state ``h`` before the LM head::
 
-    h′ = α · LN(h_cal · A) + (1 − α) · h            logits = head(h′)
+    h′ = α · N(h_cal · A) + (1 − α) · h            logits = head(h′)
 
-``LN`` is a layer normalisation without learnt parameters over the generator's hidden size (the
-authors' code normalises with a freshly built ``nn.LayerNorm``); ``norm="target"`` uses the
-generator's own final norm instead. ``h`` is the input of the generator's LM head (its post-norm
-last hidden state), ``h_cal`` the input of the calibration model's LM head.
+``h`` is the input of the generator's LM head (its post-norm last hidden state), ``h_cal`` the input
+of the calibration model's LM head. ``N`` puts the mapped state on the generator's scale:
+
+* ``norm="rms"`` (the default) rescales ``h_cal · A`` to the root-mean-square of the same row's
+  ``h``: the calibration model gives the direction, the generator the size. InfoNCE fixes only
+  directions (it compares cosines), so the size of ``h_cal · A`` says nothing by itself; and with
+  a copy of the generator as calibration model and the identity as ``A`` the fusion changes nothing.
+* ``norm="layer"`` is a layer normalisation without learnt parameters (the authors' code builds a
+  fresh ``nn.LayerNorm``): every dimension to unit variance. Post-norm states are not on that scale
+  (SmolLM2-135M's head inputs have a standard deviation of about 1.65, its final norm's weights
+  averaging 1.8), so the calibrated logits shrink by that factor, the fused distribution flattens
+  (α 0.5 acts like temperature ≈ 1.25) and nucleus sampling drifts into nonsense even where greedy
+  text reads normally. Kept for comparison with the paper.
+* ``norm="none"`` fuses ``h_cal · A`` as it is (right when ``A`` keeps sizes: the identity or the
+  orthogonal Procrustes start, between models of one width).
 
 Where the fusion happens. The LM head is affine (an ``nn.Linear``, bias or not) and, on the
 architectures whose map says ``fast_path`` (nothing between head and logits: no soft-capping or
-scaling), ``head(h′) = α · head(LN(h_cal·A)) + (1 − α) · head(h)`` exactly, the bias weighing
+scaling), ``head(h′) = α · head(N(h_cal·A)) + (1 − α) · head(h)`` exactly, the bias weighing
 α + (1 − α) = 1. ``head(h)`` are the generator's logits, which every step already gets; so the
 fusion is computed in :meth:`CalibrationFusion.step` from the scores and one extra LM-head product
-per row, and no hook sits on the generator. A hook replacing the final hidden state could not be
-kept exact: in editkit's greedy loop the generator's forward runs *before* the step that tells the
-detoxifier which rows are still in the batch and which token each was fed (the loop prefills one
+per row; the only hook on the generator reads its LM head's input (for ``norm="rms"``) and changes
+nothing. A hook replacing the final hidden state could not be kept exact: in editkit's greedy loop
+the generator's forward runs *before* the step that tells the detoxifier which rows are still in the batch and which token each was fed (the loop prefills one
 prompt at a time and drops finished rows in between), so a hook would have to guess them. Tokens
 the generator's processors banned (score −∞) stay banned. Processors that rescale scores in
 ``model.generate`` (a repetition penalty) act on the generator's part of the sum only.
@@ -50,7 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.arch import ArchMap, get_module, lm_head, resolve_arch
+from editkit.arch import ArchMap, lm_head, resolve_arch
 from editkit.devices import real_values
 from editkit.generation.detoxifier import Detoxifier, FollowingRun
 from editkit.generation.incremental import MIN_SHARED_PREFIX, open_batch
@@ -63,7 +74,7 @@ FORMAT_VERSION = 1
 MATRIX_FILE = "alignment.safetensors"
 META_FILE = "alignment.json"
 EMBEDDINGS = ("output", "input")
-NORMS = ("layer", "target")
+NORMS = ("rms", "layer", "none")
 _IDENTITY_KEYS = ("model_type", "hidden_size", "n_embd", "vocab_size")
 
 
@@ -239,8 +250,10 @@ def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 class CalibrationFusion(Detoxifier):
     """Fuse a calibration model's aligned last hidden state into the generator's before its LM head
-    (see the module docstring): ``logits = head(α · LN(h_cal · A) + (1 − α) · h)``. With ``α = 0`` the
-    scores are the generator's own, bit for bit.
+    (see the module docstring): ``logits = head(α · N(h_cal · A) + (1 − α) · h)``. With ``α = 0`` the
+    scores are the generator's own, bit for bit. With ``norm="rms"`` (the default) :meth:`step` reads
+    ``h`` from the generator's LM head, so the generator must run inside ``with fusion.active(model):``
+    (``editkit.generate`` does this).
 
     ``model`` is the generator (its final norm and LM head are read through its architecture map,
     ``arch`` overriding it), ``calibration`` a causal LM sharing its tokenizer, ``alignment`` an
@@ -251,7 +264,7 @@ class CalibrationFusion(Detoxifier):
     label = "calibration"
 
     def __init__(self, model: nn.Module, calibration: nn.Module, alignment: Alignment, *, alpha: float = 0.5,
-                 norm: str = "layer", arch: ArchMap | Mapping[str, Any] | None = None,
+                 norm: str = "rms", arch: ArchMap | Mapping[str, Any] | None = None,
                  min_shared_prefix: int = MIN_SHARED_PREFIX) -> None:
         if not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
@@ -272,21 +285,23 @@ class CalibrationFusion(Detoxifier):
         self.head = lm_head(model, self.arch)
         if not isinstance(self.head, nn.Linear):
             raise ValueError(f"the generator's LM head is a {type(self.head).__name__}, not an nn.Linear")
-        self.norm_module = get_module(model, self.arch.final_norm) if norm == "target" else None
         calibration_head = calibration.get_output_embeddings()
         if calibration_head is None:
             raise ValueError(f"{type(calibration).__name__} has no LM head whose input is its last hidden state")
+        if calibration_head is self.head:
+            raise ValueError("the calibration model must be another model than the generator (a copy will do)")
         self.model, self.calibration, self.alignment = model, calibration, alignment
         self.calibration_head = calibration_head
         self.alpha, self.norm, self.min_shared_prefix = float(alpha), norm, min_shared_prefix
         self._matrix: torch.Tensor | None = None  # the alignment on the generator's device and dtype
         self._follow: FollowingRun | None = None  # the calibration model's run, giving [rows, d_cal] states
+        self._head_inputs: list[torch.Tensor] | None = None  # the generator's h per head call, while active
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any, **options: str) -> CalibrationFusion:
         """From command-line strings: ``calibration=PATH`` (a model ``editkit.load_model`` reads, with the
         generator's tokenizer; required), ``alignment=PATH`` (an :class:`Alignment` folder for the two
-        models; required), ``alpha=`` (default 0.5), ``norm=layer|target``."""
+        models; required), ``alpha=`` (default 0.5), ``norm=rms|layer|none`` (default rms)."""
         import editkit
 
         known = {"calibration", "alignment", "alpha", "norm"}
@@ -301,7 +316,7 @@ class CalibrationFusion(Detoxifier):
                                  "calibration fusion needs one shared tokenizer")
         alignment = Alignment.load(options["alignment"], model, calibration)
         return cls(model, calibration, alignment, alpha=float(options.get("alpha", 0.5)),
-                   norm=options.get("norm", "layer"))
+                   norm=options.get("norm", "rms"))
 
     def settings(self) -> dict[str, Any]:
         return {"kind": "calibration", "alpha": self.alpha, "norm": self.norm,
@@ -311,10 +326,13 @@ class CalibrationFusion(Detoxifier):
                               **{k: v for k, v in self.alignment.settings.items() if isinstance(v, (int, float, str))}}}
 
     def install(self, model: Any, stack: contextlib.ExitStack) -> None:
-        # no hook: the fusion is taken through the LM head's linearity in step(); only refuse a
-        # generator this fusion was not built for (its head and norm would be the wrong ones)
+        # the fusion is taken through the LM head's linearity in step(); the one hook (norm="rms")
+        # only reads the head's input. A generator this fusion was not built for is refused.
         if model is not self.model:
             raise ValueError("this CalibrationFusion was built for another generator model")
+        if self.norm == "rms":
+            self._head_inputs = stack.enter_context(head_inputs(self.head))
+            stack.callback(setattr, self, "_head_inputs", None)
 
     @torch.no_grad()
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None) -> None:
@@ -339,25 +357,47 @@ class CalibrationFusion(Detoxifier):
         if run is None:
             raise RuntimeError("CalibrationFusion.step before start (or after finish)")
         hidden = run.next(fed, rows, advance=lambda tokens: self._run(run.batch.advance, len(run.rows), tokens))
-        return self.fuse(scores, hidden)
+        return self.fuse(scores, hidden, self._generator_states(scores.shape[0]) if self.norm == "rms" else None)
+
+    def _generator_states(self, rows: int) -> torch.Tensor:
+        """The generator's LM-head inputs since the previous step [rows, d_target] (taken, not kept)."""
+        if self._head_inputs is None:
+            raise RuntimeError("norm='rms' reads the generator's LM-head input: run the generator inside "
+                               "`with fusion.active(model):` (editkit.generate does)")
+        seen = self._head_inputs
+        states = torch.cat(seen) if seen else None
+        seen.clear()
+        if states is None or states.shape[0] != rows:
+            raise RuntimeError(f"the generator's LM head saw {0 if states is None else states.shape[0]} rows since "
+                               f"the previous step, the scores have {rows}: one step per generator forward")
+        return states
 
     @torch.no_grad()
-    def calibration_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``head(LN(h_cal · A))`` [rows, vocab] for calibration hidden states ``hidden`` [rows, d_cal]."""
+    def calibration_logits(self, hidden: torch.Tensor, generator_states: torch.Tensor | None = None) -> torch.Tensor:
+        """``head(N(h_cal · A))`` [rows, vocab] for calibration hidden states ``hidden`` [rows, d_cal];
+        ``generator_states`` [rows, d_target] (the generator's own ``h``) set the scale for ``norm="rms"``."""
         weight = self.head.weight
         if self._matrix is None or self._matrix.device != weight.device or self._matrix.dtype != weight.dtype:
             self._matrix = self.alignment.matrix.to(weight.device, weight.dtype)
         mapped = hidden.to(weight.device, weight.dtype) @ self._matrix  # [rows, d_target]
-        if self.norm_module is not None:
-            normed = self.norm_module(mapped)
-        else:
+        if self.norm == "rms":
+            if generator_states is None or generator_states.shape != mapped.shape:
+                raise ValueError(f"norm='rms' needs the generator's head inputs [{mapped.shape[0]}, {mapped.shape[1]}]")
+            rms = lambda x: x.float().pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
+            scale = rms(generator_states.to(weight.device)) / rms(mapped).clamp_min(torch.finfo(torch.float32).tiny)
+            normed = (mapped.float() * scale).to(weight.dtype)
+        elif self.norm == "layer":
             normed = nn.functional.layer_norm(mapped.float(), mapped.shape[-1:], eps=1e-5).to(weight.dtype)
-        return self.head(normed).float()
+        else:
+            normed = mapped
+        # the head's product without calling the module (its input hook reads the generator's states)
+        return nn.functional.linear(normed, self.head.weight, self.head.bias).float()
 
     @torch.no_grad()
-    def fuse(self, scores: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """``α · head(LN(h_cal·A)) + (1 − α) · scores`` [rows, vocab]; a score of −∞ stays −∞."""
-        calibrated = self.calibration_logits(hidden).to(scores.device)
+    def fuse(self, scores: torch.Tensor, hidden: torch.Tensor,
+             generator_states: torch.Tensor | None = None) -> torch.Tensor:
+        """``α · head(N(h_cal·A)) + (1 − α) · scores`` [rows, vocab]; a score of −∞ stays −∞."""
+        calibrated = self.calibration_logits(hidden, generator_states).to(scores.device)
         if calibrated.shape != scores.shape:
             raise ValueError(f"scores are {tuple(scores.shape)}, the LM head gives {tuple(calibrated.shape)}: the "
                              "scores do not come from this generator")

@@ -47,28 +47,44 @@ class DExperts(Detoxifier):
             raise ValueError(f"anti_expert must be a causal LM (a module with forward), got {type(anti_expert).__name__}")
         self.anti_expert, self.alpha, self.top_p = anti_expert, float(alpha), top_p
         self.min_shared_prefix = min_shared_prefix
+        self.anti_expert_patch: str | None = None  # a patch folder added to the anti-expert (from_options)
         self._run: FollowingRun | None = None  # the anti-expert's run, following the generator's rows
 
     @classmethod
     def from_options(cls, model: Any, tokenizer: Any, **options: str) -> DExperts:
         """From command-line strings: ``anti_expert=PATH`` (any model ``editkit.load_model`` reads,
-        sharing the generator's tokenizer; required), ``alpha=``, ``top_p=`` (a number or ``none``)."""
-        import editkit
+        sharing the generator's tokenizer; required), ``alpha=``, ``top_p=`` (a number or ``none``),
+        ``anti_expert_patch=PATH``: a saved patch added to the anti-expert's weights too.
 
-        unknown = sorted(set(options) - {"anti_expert", "alpha", "top_p"})
+        Steering an edited generator with an unedited anti-expert multiplies the edit's own change
+        of the scores by ``1 + α`` (``z − z⁻`` holds it whole); with the generator's patch on the
+        anti-expert as well (the anti-expert being a fine-tuned copy of the same base), the contrast
+        holds only what the anti-expert learnt. The patch's base check is skipped for the
+        anti-expert (its weights are the fine-tuned ones), its shapes are still checked."""
+        import editkit
+        from editkit.patch import load_patch
+
+        unknown = sorted(set(options) - {"anti_expert", "alpha", "top_p", "anti_expert_patch"})
         if unknown or "anti_expert" not in options:
-            raise ValueError(f"dexperts takes anti_expert=PATH (required), alpha=, top_p=; got {sorted(options)}")
+            raise ValueError(f"dexperts takes anti_expert=PATH (required), alpha=, top_p=, anti_expert_patch=PATH; "
+                             f"got {sorted(options)}")
+        patch = load_patch(options["anti_expert_patch"]) if "anti_expert_patch" in options else None
         device = next(model.parameters()).device
         anti, _ = editkit.load_model(options["anti_expert"], device=str(device))
+        if patch is not None:
+            patch.apply(anti, strict=False)
         top_p = options.get("top_p", "0.9")
-        return cls(anti, alpha=float(options.get("alpha", 2.0)),
-                   top_p=None if top_p.lower() == "none" else float(top_p))
+        dexperts = cls(anti, alpha=float(options.get("alpha", 2.0)),
+                       top_p=None if top_p.lower() == "none" else float(top_p))
+        dexperts.anti_expert_patch = options.get("anti_expert_patch")
+        return dexperts
 
     def settings(self) -> dict[str, Any]:
         config = getattr(self.anti_expert, "config", None)
         return {"kind": "dexperts", "alpha": self.alpha, "top_p": self.top_p,
                 "anti_expert": getattr(config, "_name_or_path", None) or type(self.anti_expert).__name__,
-                "anti_expert_type": getattr(config, "model_type", None)}
+                "anti_expert_type": getattr(config, "model_type", None),
+                **({"anti_expert_patch": self.anti_expert_patch} if self.anti_expert_patch else {})}
 
     @torch.no_grad()
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None) -> None:

@@ -36,7 +36,7 @@ def generate(
     suffix: str | None = None,
     chat_template: ChatMode = "auto",
     max_prompt_tokens: int = 2048,
-    progress: bool = False,
+    progress: bool | str = False,
     detoxifier: Detoxifier | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
@@ -47,6 +47,8 @@ def generate(
     prefilled without padding and the batch decoded from one merged left-padded cache
     (:mod:`editkit.generation.greedy_loop`); otherwise (sampling, other options, other models)
     ``model.generate`` runs on length-bucketed left-padded batches.
+
+    ``progress``: a progress bar over the batches (a string: its label).
 
     ``detoxifier`` (a :class:`~editkit.generation.detoxifier.Detoxifier`) is active on the model for
     the whole call and adjusts every step's scores: inside the greedy loop (so it costs only its own
@@ -74,6 +76,7 @@ def generate(
     out: list[str] = [""] * len(encoded)
     if not encoded:
         return out
+    label = progress if isinstance(progress, str) else "generate"  # the progress bar's label
     blocker = loop_blocker(model, options, max(len(e) for e in encoded) + max_new_tokens)
     if blocker is None and not all(encoded):
         blocker = "an empty prompt"
@@ -83,7 +86,7 @@ def generate(
                 if blocker is None and options.get("do_sample") else None)
     with detoxifier.active(model) if detoxifier is not None else contextlib.nullcontext():
         if blocker is None:
-            for batch in tqdm(fixed_batches(order, batch_size), desc="generate", disable=not progress, leave=False):
+            for batch in tqdm(fixed_batches(order, batch_size), desc=label, disable=not progress, leave=False):
                 new = greedy_decode(model, [encoded[i] for i in batch], max_new_tokens=max_new_tokens,
                                     eos_token_id=options["eos_token_id"], suppress_tokens=options.get("suppress_tokens"),
                                     detoxifier=detoxifier, sampling=sampling)
@@ -93,7 +96,7 @@ def generate(
         _warn_fallback(blocker)
         batches = length_batches([len(encoded[i]) for i in order], batch_size)
         batches = [[order[j] for j in batch] for batch in batches]
-        for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=label, disable=not progress, leave=False):
             ids, mask = pad_left([encoded[i] for i in batch], pad)
             call = dict(options)
             if detoxifier is not None:
