@@ -309,9 +309,11 @@ def test_procrustes_start_maps_a_model_onto_itself_and_a_rotation_back() -> None
     # random start retrieves tokens as well after training yet scatters every hidden dimension over all
     # the others (on the default model that fused into nonsense text).
     gen, tok = tiny_model("llama", seed=0), tiny_tokenizer()
-    same = train_alignment(gen, gen, tok, tok, steps=1, lr=1e-6)
-    assert same.settings["init"] == "procrustes" and same.metrics["top1_before"] > 0.99
-    assert torch.allclose(same.matrix, torch.eye(32), atol=1e-3)
+    same = train_alignment(gen, gen, tok, tok)  # the default: the closed-form map, no InfoNCE step
+    assert same.settings["init"] == "procrustes" and same.settings["steps"] == 0 and same.metrics["top1_before"] > 0.99
+    assert torch.allclose(same.matrix, torch.eye(32), atol=1e-5) and same.metrics["loss_last"] is None
+    stepped = train_alignment(gen, gen, tok, tok, steps=1, lr=1e-6)
+    assert torch.allclose(stepped.matrix, torch.eye(32), atol=1e-3) and stepped.metrics["loss_last"] is not None
     rotation, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
     rotated = copy.deepcopy(gen)
     with torch.no_grad():
@@ -324,6 +326,8 @@ def test_procrustes_start_maps_a_model_onto_itself_and_a_rotation_back() -> None
     assert (randomly.matrix - torch.eye(32)).norm() > 1.0
     with pytest.raises(ValueError, match="init"):
         train_alignment(gen, gen, tok, tok, steps=1, init="zeros")
+    with pytest.raises(ValueError, match="random start needs"):
+        train_alignment(gen, gen, tok, tok, init="random")
 
 
 def _order(ids_t: torch.Tensor, ids_c: torch.Tensor) -> list[int]:

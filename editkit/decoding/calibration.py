@@ -248,6 +248,11 @@ def head_inputs(head: nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square over the last dimension, in float32 [..., 1]."""
+    return x.float().pow(2).mean(-1, keepdim=True).sqrt()
+
+
 class CalibrationFusion(Detoxifier):
     """Fuse a calibration model's aligned last hidden state into the generator's before its LM head
     (see the module docstring): ``logits = head(α · N(h_cal · A) + (1 − α) · h)``. With ``α = 0`` the
@@ -383,8 +388,7 @@ class CalibrationFusion(Detoxifier):
         if self.norm == "rms":
             if generator_states is None or generator_states.shape != mapped.shape:
                 raise ValueError(f"norm='rms' needs the generator's head inputs [{mapped.shape[0]}, {mapped.shape[1]}]")
-            rms = lambda x: x.float().pow(2).mean(-1, keepdim=True).sqrt()  # noqa: E731
-            scale = rms(generator_states.to(weight.device)) / rms(mapped).clamp_min(torch.finfo(torch.float32).tiny)
+            scale = _rms(generator_states.to(weight.device)) / _rms(mapped).clamp_min(torch.finfo(torch.float32).tiny)
             normed = (mapped.float() * scale).to(weight.dtype)
         elif self.norm == "layer":
             normed = nn.functional.layer_norm(mapped.float(), mapped.shape[-1:], eps=1e-5).to(weight.dtype)
