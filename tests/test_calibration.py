@@ -12,7 +12,6 @@ import functools
 
 import pytest
 import torch
-from torch import nn
 
 import editkit
 from editkit.arch import get_module, resolve_arch

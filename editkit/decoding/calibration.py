@@ -32,8 +32,9 @@ scaling), ``head(h′) = α · head(N(h_cal·A)) + (1 − α) · head(h)`` exact
 fusion is computed in :meth:`CalibrationFusion.step` from the scores and one extra LM-head product
 per row; the only hook on the generator reads its LM head's input (for ``norm="rms"``) and changes
 nothing. A hook replacing the final hidden state could not be kept exact: in editkit's greedy loop
-the generator's forward runs *before* the step that tells the detoxifier which rows are still in the batch and which token each was fed (the loop prefills one
-prompt at a time and drops finished rows in between), so a hook would have to guess them. Tokens
+the generator's forward runs *before* the step that tells the detoxifier which rows are still in
+the batch and which token each was fed (the loop prefills one prompt at a time and drops finished
+rows in between), so a hook would have to guess them. Tokens
 the generator's processors banned (score −∞) stay banned. Processors that rescale scores in
 ``model.generate`` (a repetition penalty) act on the generator's part of the sum only.
 
@@ -260,7 +261,7 @@ class CalibrationFusion(Detoxifier):
     ``h`` from the generator's LM head, so the generator must run inside ``with fusion.active(model):``
     (``editkit.generate`` does this).
 
-    ``model`` is the generator (its final norm and LM head are read through its architecture map,
+    ``model`` is the generator (its LM head is read through its architecture map,
     ``arch`` overriding it), ``calibration`` a causal LM sharing its tokenizer, ``alignment`` an
     :class:`Alignment` trained for these two models. The calibration model runs over each prompt and
     every fed token with its own key/value cache, and drops the rows the generator's batch drops.

@@ -38,7 +38,7 @@ class DExperts(Detoxifier):
     label = "dexperts"
 
     def __init__(self, anti_expert: Any, *, alpha: float = 2.0, top_p: float | None = 0.9,
-                 min_shared_prefix: int = MIN_SHARED_PREFIX) -> None:
+                 min_shared_prefix: int = MIN_SHARED_PREFIX, anti_expert_patch: str | None = None) -> None:
         if not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -47,7 +47,7 @@ class DExperts(Detoxifier):
             raise ValueError(f"anti_expert must be a causal LM (a module with forward), got {type(anti_expert).__name__}")
         self.anti_expert, self.alpha, self.top_p = anti_expert, float(alpha), top_p
         self.min_shared_prefix = min_shared_prefix
-        self.anti_expert_patch: str | None = None  # a patch folder added to the anti-expert (from_options)
+        self.anti_expert_patch = anti_expert_patch  # the patch folder added to the anti-expert, if any (recorded)
         self._run: FollowingRun | None = None  # the anti-expert's run, following the generator's rows
 
     @classmethod
@@ -74,10 +74,9 @@ class DExperts(Detoxifier):
         if patch is not None:
             patch.apply(anti, strict=False)
         top_p = options.get("top_p", "0.9")
-        dexperts = cls(anti, alpha=float(options.get("alpha", 2.0)),
-                       top_p=None if top_p.lower() == "none" else float(top_p))
-        dexperts.anti_expert_patch = options.get("anti_expert_patch")
-        return dexperts
+        return cls(anti, alpha=float(options.get("alpha", 2.0)),
+                   top_p=None if top_p.lower() == "none" else float(top_p),
+                   anti_expert_patch=options.get("anti_expert_patch"))
 
     def settings(self) -> dict[str, Any]:
         config = getattr(self.anti_expert, "config", None)
