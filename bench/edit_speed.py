@@ -29,7 +29,8 @@ recorded per case). The warm-up runs on a record that is not timed:
   edit, i.e. the plain path, exactly 10 steps (``early_stop_loss=0``), the paper's lr 5e-4 and
   c_edit 0.1, the edit NLL plus the KL on the record's knowledge pair and no guard
   (``benign_constraint=0``, ``constraint_pairs=0``, every optional term at its default, off);
-  encoding and localisation as committed. Wall time of the whole call, localisation included.
+  the encoding as committed, the layer located by the paper's distance even when the committed settings
+  fix one (what the reference implementation edits). Wall time of the whole call, localisation included.
 * the compute floor (``bench/dinm_floor.py``), measured directly on every token batch the committed
   configuration trains on:
   "edit", "kl" and, with the guard, "benign" (built as DINM builds it, with editkit's own
@@ -96,12 +97,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling module, also when loaded by path
 from dinm_floor import capture, floor_seconds  # noqa: E402
 PRESET = "smollm2-135m"  # editkit/presets/DINM/smollm2-135m.yaml: the configuration we ship
-# The reference implementation's kind of DINM edit (the paper's settings): full model at every step,
-# exactly 10 steps, edit NLL + KL on the knowledge pair, no guard. Every other optional term stays at
-# its default (off); encoding and localisation are taken from the committed settings (SHARED).
+# The reference implementation's kind of DINM edit (the paper's settings): the layer located by the
+# paper's distance, full model at every step, exactly 10 steps, edit NLL + KL on the knowledge pair, no
+# guard. Every other optional term stays at its default (off); the encoding is taken from the committed
+# settings (SHARED). The layer is always located, even when the committed settings fix one: a fixed
+# mid layer would make the reference pay the backward through every layer above it, a cost the
+# reference implementation (which edits the located, mostly top, layer) does not have.
 REFERENCE = {"steps": 10, "lr": 5e-4, "c_edit": 0.1, "kl_weight": 1.0, "constraint_pairs": 0, "benign_constraint": 0,
-             "early_stop_loss": 0.0, "fast_path": False}
-SHARED = ("chat_template", "max_length", "suffix", "use_suffix", "layer", "locate_mode", "locate_context")
+             "early_stop_loss": 0.0, "fast_path": False, "layer": None, "locate_mode": "mean", "locate_context": "none"}
+SHARED = ("chat_template", "max_length", "suffix", "use_suffix")
 # loss parts an edit's step records carry -> the batch the floor replays for them
 LOSS_BATCH = {"edit_nll": "edit", "kl": "kl", "kl_benign": "benign"}
 GAP_TOLERANCE = 0.05  # timings' parts may miss this fraction of the wall time before the bench flags it
@@ -121,7 +125,7 @@ def dinm_settings(spec: str | None = None, steps: int | None = None) -> HParams:
 
 
 def reference_settings(config: HParams) -> HParams:
-    """``REFERENCE`` on the DINM defaults, with ``config``'s encoding and localisation."""
+    """``REFERENCE`` on the DINM defaults, with ``config``'s encoding."""
     return editkit.load_hparams("dinm", {**{k: getattr(config, k) for k in SHARED}, **REFERENCE})
 
 

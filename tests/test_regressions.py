@@ -429,3 +429,6 @@ def test_edit_speed_bench_measures_the_committed_preset() -> None:
     reference = bench.reference_settings(committed)
     assert (reference.steps, reference.fast_path, reference.benign_constraint, reference.constraint_pairs) == (
         10, False, 0, 0)
+    # a configuration that fixes a mid layer is still compared with the reference's located layer
+    mid = bench.reference_settings(committed.replace(layer=13, locate_mode="scaled"))
+    assert (mid.layer, mid.locate_mode, mid.locate_context) == (None, "mean", "none")
