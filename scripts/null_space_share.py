@@ -49,12 +49,8 @@ from safeedit.metrics import SUFFIX, load_benign_requests
 
 def null_share(model, tokenizer, arch, layer: int, prompts: list[str], projector: torch.Tensor) -> float:
     """Median over ``prompts`` of trace(P·G)/trace(G), G the Gram matrix of one prompt's keys."""
-    shares = []
-    for prompt in prompts:
-        ids = nullspace.render(tokenizer, [with_suffix(prompt, SUFFIX)], chat_template="auto", max_length=2048)
-        gram, _ = nullspace.collect_gram(model, arch, layer, ids, pad_id(tokenizer))
-        shares.append(float(torch.trace(projector @ gram) / torch.trace(gram)))
-    return statistics.median(shares)
+    grams = [gram(model, tokenizer, arch, layer, [prompt]) for prompt in prompts]
+    return statistics.median(float(torch.trace(projector @ g) / torch.trace(g)) for g in grams)
 
 
 def gram(model, tokenizer, arch, layer: int, prompts: list[str]) -> torch.Tensor:
@@ -95,12 +91,12 @@ def last_position_rows(model, tokenizer, arch, layer: int, tols: list[float], in
     """Table rows for ``--last k``: null space and shares from the last k positions only."""
     guard = torch.cat(last_keys(model, tokenizer, arch, layer, nullspace.guard_prompts(SUFFIX), k))
     values, vectors = torch.linalg.eigh(guard.T @ guard / len(guard))
+    measured = [last_keys(model, tokenizer, arch, layer, [with_suffix(p, SUFFIX) for p in prompts], k)
+                for prompts in inputs.values()]  # once, whatever the tol
     for tol in tols:
         null = vectors[:, values < tol * values.max()]
-        shares = []
-        for prompts in inputs.values():
-            keys = last_keys(model, tokenizer, arch, layer, [with_suffix(p, SUFFIX) for p in prompts], k)
-            shares.append(statistics.median(float((x @ null).pow(2).sum() / x.pow(2).sum()) for x in keys))
+        shares = [statistics.median(float((x @ null).pow(2).sum() / x.pow(2).sum()) for x in keys)
+                  for keys in measured]
         print(f"| {layer} | {tol:g} | last {k} | {null.shape[1]} of {null.shape[0]} | "
               + " | ".join(f"{s:.3f}" for s in shares) + " |", flush=True)
 
@@ -113,7 +109,7 @@ def separability(model, tokenizer, arch, layer: int, records: list) -> str:
     from sklearn.preprocessing import StandardScaler
 
     test = list(dict.fromkeys(r.question for r in records[:50] if r.question.strip()))
-    train = [q for q in dict.fromkeys(r.question for r in records[50:] if r.question.strip()) if q not in set(test)]
+    train = [q for q in dict.fromkeys(r.question for r in records[50:] if r.question.strip()) if q not in test]
     benign_train = [b["request"] for b in load_benign_requests("tuning")]
     benign_test = [b["request"] for b in load_benign_requests("reporting")]
 
@@ -169,8 +165,6 @@ def main() -> None:
         "bare question": [r.question for r in records if r.question.strip()],
         "held-out benign": [b["request"] for b in load_benign_requests("reporting")],
     }
-    print("| layer | null_space_tol | released | free dims | " + " | ".join(inputs) + " |")
-    print("| ---: | ---: | ---: | ---: |" + " ---: |" * len(inputs))
     if args.last:
         print("| layer | null_space_tol | keys | free dims | " + " | ".join(inputs) + " |")
         print("| ---: | ---: | --- | ---: |" + " ---: |" * len(inputs))
@@ -178,6 +172,8 @@ def main() -> None:
             for k in args.last:
                 last_position_rows(model, tokenizer, arch, layer, args.tols, inputs, k)
         return
+    print("| layer | null_space_tol | released | free dims | " + " | ".join(inputs) + " |")
+    print("| ---: | ---: | ---: | ---: |" + " ---: |" * len(inputs))
     for layer in args.layers:
         space, _ = nullspace.key_space(model, tokenizer, arch, layer, suffix=SUFFIX, chat_template="auto",
                                        max_length=2048)
