@@ -157,6 +157,12 @@ def disk_cache(folder: Path) -> Iterator[None]:
             os.environ["EDITKIT_DINM_CACHE"] = before
 
 
+def others(data: Path, inst: Any) -> list[Any]:
+    """The records of ``data`` other than ``inst``: the constraint pool an edit gets, as in a SafeEdit
+    run (a gated DINM fits its harmfulness gate on them; other settings ignore it)."""
+    return [r for r in editkit.load_instances(data) if r.id != inst.id]
+
+
 def timed_edit(model: Any, tok: Any, inst: Any, config: HParams, *, disk: Path | None = None,
                **kwargs: Any) -> tuple[Any, float]:
     """``editkit.edit`` and the wall-clock seconds of the whole call with DINM's memory caches
@@ -219,14 +225,14 @@ def _memory_probe(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        editkit.edit(model, inst, tokenizer=tok, hparams=config)
+        editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(args.data, inst))
         torch.cuda.synchronize()
         out.update(method="torch.cuda.max_memory_allocated - allocated before",
                    peak_increase=torch.cuda.max_memory_allocated() - base)
     else:
         base = _rss_bytes()
         with RSSSampler() as sampler:
-            editkit.edit(model, inst, tokenizer=tok, hparams=config)
+            editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(args.data, inst))
         out.update(method="peak RSS (sampled every 2 ms) - RSS before the edit", peak_increase=sampler.peak - base,
                    rss_before=base)
     print("MEMORY " + json.dumps(out))
@@ -282,15 +288,16 @@ def path_row(runs: list[tuple[Any, float]]) -> dict[str, Any]:
 
 
 def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, HParams],
-                 repeats: int) -> dict[str, Any]:
+                 repeats: int, pool: list[Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
     batches = {k: b.to(device) for k, b in dinm_batches(model, tok, inst, configs["fast"]).items()}
     runs: dict[str, list[tuple[Any, float]]] = {path: [] for path in PATHS}
     floors: dict[str, list[float]] = {"floor_body": [], "floor_head": []}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="editkit-bench-") as folder:
-            runs["fast"].append(timed_edit(model, tok, inst, configs["fast"], disk=Path(folder)))
-            runs["fast-disk"].append(timed_edit(model, tok, inst, configs["fast"], disk=Path(folder)))
+            runs["fast"].append(timed_edit(model, tok, inst, configs["fast"], disk=Path(folder), constraint_pool=pool))
+            runs["fast-disk"].append(timed_edit(model, tok, inst, configs["fast"], disk=Path(folder),
+                                                constraint_pool=pool))
         fast = runs["fast"][-1][0]
         if max_diffs(fast, runs["fast-disk"][-1][0]) != (0.0, 0.0):
             raise RuntimeError(f"record {inst.id}: the edit from the disk cache differs from the cold edit")
@@ -302,7 +309,7 @@ def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, 
         floors["floor_head"].append(seconds)
         # the replayed layers compute what the model computes: same unedited NLL, KL (= 0) on the rest
         replay_diff = max(abs(first[LOSS_BATCH[k]] - v) for k, v in fast.losses[0].items() if k in LOSS_BATCH)
-        runs["plain"].append(timed_edit(model, tok, inst, configs["plain"]))
+        runs["plain"].append(timed_edit(model, tok, inst, configs["plain"], constraint_pool=pool))
         # reference-10 is a cost to compare with, not an edit to ship: its trust check runs but does not stop the bench
         runs["reference-10"].append(timed_edit(model, tok, inst, configs["reference-10"], allow_untrusted=True))
     fast, plain = runs["fast"][0][0], runs["plain"][0][0]
@@ -422,10 +429,11 @@ def main() -> None:
     # record that is not timed (timed_edit drops the DINM caches anyway)
     spare = editkit.load_instances(args.data, limit=args.n + 1)[-1]
     for config in configs.values():
-        editkit.edit(model, spare, tokenizer=tok, hparams=config.replace(steps=1), allow_untrusted=True)
+        editkit.edit(model, spare, tokenizer=tok, hparams=config.replace(steps=1), allow_untrusted=True,
+                     constraint_pool=others(args.data, spare))
     rows = []
     for inst in instances:
-        rows.append(bench_record(model, tok, arch, inst, configs, args.repeats))
+        rows.append(bench_record(model, tok, arch, inst, configs, args.repeats, others(args.data, inst)))
         print_record(rows[-1], n_layers)
     summary = summarise(rows)
     print_summary(summary, len(rows), torch.get_num_threads())

@@ -7,8 +7,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from editkit.delta_hooks import rounding_folded
-from editkit.patch import Patch, atomic_write_dir
+from editkit.delta_hooks import gated_modules, rounding_folded
+from editkit.patch import Patch, PatchError, atomic_write_dir
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ def save_checkpoint(
     (see :mod:`editkit.patch`); the saved weights hold what their dtype can, and a warning says what
     was lost (save from ``model.float()``, or ship the patch, to keep all of it)."""
     path = Path(path)
+    gated = sorted(set(gated_modules(model)) | {n.rsplit(".", 1)[0] for n in (patch.gates if patch else ())})
+    if gated:
+        raise PatchError(f"{', '.join(gated)} carry a gated edit (DINM's harmfulness gate), which no weight of a plain "
+                         "checkpoint can hold; save the patch (Patch.save / editkit edit --out) and apply it "
+                         "to the base model instead")
 
     def write(tmp: Path) -> None:
         with ExitStack() as stack:

@@ -50,7 +50,10 @@ def run_edit(args: argparse.Namespace) -> int:
     import editkit
     from editkit.text import with_suffix
 
-    stages = Stages(6 if args.no_checkpoint else 7)
+    hparams = editkit.load_hparams(args.method, args.hparams)
+    # a gated edit (DINM's harm_gate) is no weight change: it is saved as a patch only
+    checkpoint = not args.no_checkpoint and not getattr(hparams, "harm_gate", False)
+    stages = Stages(7 if checkpoint else 6)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -60,7 +63,7 @@ def run_edit(args: argparse.Namespace) -> int:
     stages.done(f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
 
     instance = editkit.load_instances(args.instance)[0]
-    hparams = editkit.load_hparams(args.method, args.hparams)
+    pool = [r for r in editkit.load_instances(args.pool) if r.id != instance.id] if getattr(args, "pool", None) else []
     suffix = hparams.eval_suffix
     prompts = [instance.prompt, args.benign]
 
@@ -70,7 +73,7 @@ def run_edit(args: argparse.Namespace) -> int:
 
     stages(f"locating and editing ({args.method})")
     result = editkit.edit(model, instance, tokenizer=tok, method=args.method, hparams=hparams,
-                          layer=args.layer, progress=True)
+                          layer=args.layer, constraint_pool=pool, progress=True)
     m = result.metrics
     stages.done(f"layer {result.layer}, {len(result.losses)} steps, safe-response NLL "
                 f"{m.get('edit_nll_before', float('nan')):.3f} → {m.get('edit_nll_after', float('nan')):.3f}, "
@@ -107,7 +110,9 @@ def run_edit(args: argparse.Namespace) -> int:
     }
     (out / "result.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     stages.done("patch/ (delta.safetensors, patch.json), result.json, layer_profile.png")
-    if not args.no_checkpoint:
+    if result.patch.gates and not args.no_checkpoint:
+        print("The edit is gated (harm_gate): no plain checkpoint can hold it; apply patch/ to the base model.")
+    if checkpoint:
         stages("saving the full patched checkpoint")
         editkit.save_checkpoint(model, tok, out / "model", patch=result.patch, overwrite=args.overwrite)
         stages.done(f"{out / 'model'} (reload with AutoModelForCausalLM.from_pretrained)")
@@ -181,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--method", default="dinm", help="an instance-scope method (dinm, ft-l, or any registered one)")
         p.add_argument("--hparams", default="smollm2-135m", help="YAML path or a preset name (editkit/presets/<METHOD>/)")
         p.add_argument("--layer", type=int, default=None, help="edit this layer instead of locating one")
+        if name == "edit":
+            p.add_argument("--pool", default=None, help="other SafeEdit records (JSON file) the method may draw on: "
+                           "the harmfulness gate's examples (harm_gate), question targets; the edited record is "
+                           "left out")
         p.add_argument("--out", default="out/demo" if name == "demo" else None, required=name == "edit")
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--benign", default=BENIGN_DEFAULT, help="a benign request shown before and after")

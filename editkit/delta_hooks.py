@@ -151,3 +151,69 @@ def rounding_folded(model: nn.Module) -> Iterator[dict[str, float]]:
             state.active = True
 
 
+
+
+# -- gated deltas ------------------------------------------------------------------------------
+_GATED_ATTR = "_editkit_gated"
+GATED_LAYOUTS = ("linear", "conv1d")
+
+
+@dataclass
+class _Gated:
+    """One module's gated deltas {token: (layout, Δ, w, b)}: its output gains sigmoid(x·w + b)·(x·Δᵀ)
+    for each (x·Δ for a Conv1D), in fp32, from one forward hook."""
+
+    entries: dict[int, tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]
+    handle: RemovableHandle
+    next_token: int = 0
+
+
+def _gated_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    state: _Gated | None = getattr(module, _GATED_ATTR, None)
+    if state is None or not state.entries or not isinstance(output, torch.Tensor):
+        return None
+    x = (args[0] if args else next(iter(kwargs.values()))).float()
+    extra = torch.zeros((), dtype=torch.float32, device=output.device)
+    for token, (layout, delta, weight, bias) in list(state.entries.items()):
+        if delta.device != x.device:  # the model was moved after the patch was applied
+            delta, weight, bias = delta.to(x.device), weight.to(x.device), bias.to(x.device)
+            state.entries[token] = (layout, delta, weight, bias)
+        carried = F.linear(x, delta) if layout == "linear" else x @ delta
+        extra = extra + torch.sigmoid(x @ weight + bias).unsqueeze(-1) * carried
+    return (output.float() + extra).to(output.dtype)
+
+
+def add_gated(module: nn.Module, layout: str, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> int:
+    """Carry ``delta`` on ``module``'s output behind the gate sigmoid(x·weight + bias); returns a
+    token for :func:`remove_gated`."""
+    if layout not in GATED_LAYOUTS:
+        raise ValueError(f"a gated delta needs a linear or Conv1D module, not layout {layout!r}")
+    state: _Gated | None = getattr(module, _GATED_ATTR, None)
+    if state is None:
+        handle = module.register_forward_hook(_gated_hook, with_kwargs=True)
+        try:
+            object.__setattr__(module, _GATED_ATTR, _Gated({}, handle))
+        except BaseException:
+            handle.remove()
+            raise
+        state = getattr(module, _GATED_ATTR)
+    token = state.next_token
+    state.next_token += 1
+    state.entries[token] = (layout, delta.float(), weight.float(), bias.float())
+    return token
+
+
+def remove_gated(module: nn.Module, token: int) -> None:
+    """Drop one gated delta (and the hook with the module's last one)."""
+    state: _Gated | None = getattr(module, _GATED_ATTR, None)
+    if state is None:
+        return
+    state.entries.pop(token, None)
+    if not state.entries:
+        state.handle.remove()
+        object.__delattr__(module, _GATED_ATTR)
+
+
+def gated_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that carry gated deltas (a change no weight holds)."""
+    return [name for name, module in model.named_modules() if getattr(module, _GATED_ATTR, None) is not None]

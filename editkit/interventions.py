@@ -142,6 +142,9 @@ class FixedPatch(Intervention):
         for name in sorted(self.patch.deltas):
             digest.update(name.encode())
             digest.update(self.patch.deltas[name].numpy().tobytes())
+            for part, tensor in sorted(self.patch.gates.get(name, {}).items()):  # a gated delta's gate
+                digest.update(part.encode())
+                digest.update(tensor.float().numpy().tobytes())
         return {"kind": "fixed-patch", "method": self.patch.method, "source": self.source,
                 "deltas_sha256": digest.hexdigest(), "suffix": self.suffix}
 

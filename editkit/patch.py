@@ -47,8 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from editkit.delta_hooks import (_ROUNDING_ATTR, LOST_WARN_FRACTION, _drop_rounding, _is_narrow, _layout, _owners,
-                                 _Rounding, _set_residual)
+from editkit.delta_hooks import (_ROUNDING_ATTR, GATED_LAYOUTS, LOST_WARN_FRACTION, _drop_rounding, _is_narrow,
+                                 _layout, _owners, _Rounding, _set_residual, add_gated, remove_gated)
 from editkit.devices import execution_device, owner, real_values
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 1 (digests of rounded weights) was never released
 DELTA_FILE = "delta.safetensors"
 META_FILE = "patch.json"
+GATE_KEY = "@gate."  # a gate's tensors in DELTA_FILE: "<parameter>@gate.weight", "<parameter>@gate.bias"
 
 
 class PatchError(ValueError):
@@ -144,7 +145,11 @@ def _parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 @dataclass
 class Patch:
-    """``deltas``: {parameter name: delta tensor with the parameter's shape}."""
+    """``deltas``: {parameter name: delta tensor with the parameter's shape}. ``gates`` (optional):
+    {name of a delta of a linear or Conv1D weight: {"weight": [d_in], "bias": []}}; such a delta is
+    not added to the weight but carried on the module's output behind sigmoid(x·weight + bias), x the
+    module's input (:func:`editkit.delta_hooks.add_gated`; DINM's harmfulness gate). A gated patch
+    is applied, saved and loaded like any other; it cannot be folded into a plain checkpoint."""
 
     deltas: dict[str, torch.Tensor]
     base_fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +159,7 @@ class Patch:
     metrics: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     created: str = ""
+    gates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.deltas:
@@ -163,6 +169,15 @@ class Patch:
                 raise PatchError(f"delta for {name!r} is not a tensor")
             if not torch.isfinite(delta).all():
                 raise PatchError(f"delta for {name!r} contains NaN or inf; refusing it")
+        for name, gate in self.gates.items():
+            if name not in self.deltas:
+                raise PatchError(f"gate for {name!r}, which has no delta")
+            if set(gate) != {"weight", "bias"} or any(not isinstance(t, torch.Tensor) for t in gate.values()):
+                raise PatchError(f"gate for {name!r} needs a 'weight' and a 'bias' tensor")
+            if gate["weight"].dim() != 1 or gate["bias"].numel() != 1:
+                raise PatchError(f"gate for {name!r}: weight must be [d_in] and bias one number")
+            if not all(torch.isfinite(t).all() for t in gate.values()):
+                raise PatchError(f"gate for {name!r} contains NaN or inf; refusing it")
         self.created = self.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     @classmethod
@@ -201,6 +216,15 @@ class Patch:
                     f"{name}: the model's weights differ from the base this patch was made for "
                     f"({self.model.get('name_or_path', '?')}); pass strict=False to apply anyway"
                 )
+            if name in self.gates:
+                module, attr = owner(model, name)
+                layout = _layout(module, attr)
+                if layout not in GATED_LAYOUTS:
+                    raise PatchError(f"{name}: a gated delta needs a linear or Conv1D weight")
+                d_in = delta.shape[1] if layout == "linear" else delta.shape[0]
+                if self.gates[name]["weight"].shape[0] != d_in:
+                    raise PatchError(f"{name}: gate weight has {self.gates[name]['weight'].shape[0]} entries, "
+                                     f"the module's input {d_in}")
             targets[name] = params[name]
         return targets
 
@@ -274,8 +298,24 @@ class Patch:
         On half-precision weights the part of a delta the dtype cannot hold is added by a forward
         hook that stays with the model (module docstring); ``exact=False`` rounds it away instead."""
         targets = self.check(model, strict=strict)
-        self._add(targets, self._plan(model, targets, exact), scale, exact)
+        plain = {n: p for n, p in targets.items() if n not in self.gates}
+        self._add(plain, self._plan(model, plain, exact), scale, exact)
+        self._add_gated(model, scale)
         return model
+
+    def _add_gated(self, model: nn.Module, scale: float) -> list[tuple[nn.Module, int]]:
+        """Hook the gated deltas onto their modules; returns (module, token) for each."""
+        added = []
+        try:
+            for name, gate in self.gates.items():
+                module, attr = owner(model, name)
+                added.append((module, add_gated(module, _layout(module, attr), scale * self.deltas[name].float(),
+                                                gate["weight"].reshape(-1), gate["bias"].reshape(()))))
+        except BaseException:
+            for module, token in added:
+                remove_gated(module, token)
+            raise
+        return added
 
     @contextmanager
     def applied(
@@ -283,7 +323,7 @@ class Patch:
     ) -> Iterator[nn.Module]:
         """Within the block the model carries the edit (``exact`` as in :meth:`apply`); on exit,
         even by exception, the weights are restored bit-exactly and no hook of the patch remains."""
-        targets = self.check(model, strict=strict)
+        targets = {n: p for n, p in self.check(model, strict=strict).items() if n not in self.gates}
         plan = self._plan(model, targets, exact)
         originals = {name: p.detach().clone() for name, p in targets.items() if not p.is_meta}
         modules = {id(m): m for owners in plan.values() for m, _, _ in (owners or ())}
@@ -291,11 +331,15 @@ class Patch:
         for key, module in modules.items():
             state: _Rounding | None = getattr(module, _ROUNDING_ATTR, None)
             before[key] = None if state is None else (state.residuals, state.layouts)
+        gated: list[tuple[nn.Module, int]] = []
         try:
             with torch.no_grad():
                 self._add(targets, plan, scale, exact)
+            gated = self._add_gated(model, scale)
             yield model
         finally:
+            for module, token in gated:
+                remove_gated(module, token)
             with torch.no_grad():
                 for name, param in targets.items():
                     if not param.is_meta:  # an offloaded weight was never written
@@ -318,6 +362,7 @@ class Patch:
             "method": self.method,
             "layer": self.layer,
             "parameters": {n: list(d.shape) for n, d in self.deltas.items()},
+            "gates": sorted(self.gates),
             "base_fingerprint": self.base_fingerprint,
             "model": self.model,
             "hparams": self.hparams,
@@ -333,8 +378,10 @@ class Patch:
         meta = json.dumps(self.metadata(), indent=2, default=str)
 
         def write(tmp: Path) -> None:
-            save_file({n: d.contiguous() for n, d in self.deltas.items()}, str(tmp / DELTA_FILE),
-                      metadata={"format": "editkit-patch"})
+            tensors = {n: d.contiguous() for n, d in self.deltas.items()}
+            tensors.update({f"{n}{GATE_KEY}{part}": t.reshape(-1).float().contiguous()
+                            for n, gate in self.gates.items() for part, t in gate.items()})
+            save_file(tensors, str(tmp / DELTA_FILE), metadata={"format": "editkit-patch"})
             (tmp / META_FILE).write_text(meta, encoding="utf-8")
 
         atomic_write_dir(path, write, overwrite=overwrite)
@@ -351,7 +398,11 @@ class Patch:
         if meta.get("format") != "editkit-patch" or meta.get("format_version") != FORMAT_VERSION:
             raise PatchError(f"{path}: unsupported patch format {meta.get('format')!r} v{meta.get('format_version')}")
         deltas = load_file(str(path / DELTA_FILE))
-        if set(deltas) != set(meta.get("parameters", {})):
+        gates: dict[str, dict[str, torch.Tensor]] = {}
+        for key in [k for k in deltas if GATE_KEY in k]:
+            name, part = key.split(GATE_KEY, 1)
+            gates.setdefault(name, {})[part] = deltas.pop(key).reshape(-1 if part == "weight" else ())
+        if set(deltas) != set(meta.get("parameters", {})) or set(gates) != set(meta.get("gates", [])):
             raise PatchError(f"{path}: {DELTA_FILE} and {META_FILE} name different parameters")
         return cls(
             deltas=deltas,
@@ -362,6 +413,7 @@ class Patch:
             metrics=meta.get("metrics", {}),
             model=meta.get("model", {}),
             created=meta.get("created", ""),
+            gates=gates,
         )
 
     def norm(self) -> float:
@@ -369,7 +421,8 @@ class Patch:
 
     def __repr__(self) -> str:
         names = ", ".join(self.deltas)
-        return f"Patch(method={self.method!r}, layer={self.layer}, params=[{names}], norm={self.norm():.4g})"
+        gated = f", gated=[{', '.join(self.gates)}]" if self.gates else ""
+        return f"Patch(method={self.method!r}, layer={self.layer}, params=[{names}]{gated}, norm={self.norm():.4g})"
 
 
 def load_patch(path: str | Path) -> Patch:

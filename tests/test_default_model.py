@@ -107,3 +107,33 @@ def test_cli_edit_writes_patch_and_checkpoint(default_model, tmp_path, capsys):
     assert set(report["responses"]["attack"]) == {"before", "after", "after_no_suffix"}
     # refuses to overwrite an existing run
     assert cli_main(["edit", "--out", str(out), "--max-new-tokens", "4", "--judge", "keyword"]) != 0
+
+
+def test_cli_gated_edit_on_the_default_model(default_model, shared_data, tmp_path, capsys):
+    """``editkit edit --pool`` with the harmfulness gate: the gate is fitted on the pool's other
+    records, opens on the attack prompt and stays shut on a benign request; the patch reloads with
+    its gate and the run saves no checkpoint (no weight can hold a gate)."""
+    from editkit.arch import resolve_arch
+    from editkit.methods.dinm import gate
+
+    source = json.loads((shared_data / "safeedit" / "safeedit_dev.json").read_text())
+    (tmp_path / "pool.json").write_text(json.dumps(source[:12]))
+    settings = {**editkit.load_hparams("dinm", "smollm2-135m-mid").to_dict(), "steps": 2, "harm_gate": True}
+    (tmp_path / "gated.yaml").write_text(json.dumps(settings))  # JSON is YAML
+    out = tmp_path / "run"
+    code = cli_main(["edit", "--out", str(out), "--instance", f"{tmp_path / 'pool.json'}#{source[0]['id']}",
+                     "--pool", str(tmp_path / "pool.json"), "--hparams", str(tmp_path / "gated.yaml"),
+                     "--max-new-tokens", "4", "--judge", "keyword"])
+    assert code == 0
+    assert "gated" in capsys.readouterr().out
+    assert not (out / "model").exists()
+    patch = editkit.load_patch(out / "patch")
+    (name, _), = patch.deltas.items()
+    report = json.loads((out / "result.json").read_text())
+    assert 20 < report["metrics"]["gate_harmful_texts"] <= 2 * 2 * 11  # attack prompts and questions, +/- suffix
+    assert report["metrics"]["gate_on_edit_prompt"] > 0.5
+
+    model, tok, _ = default_model
+    keys = gate.last_keys(model, tok, resolve_arch(model), 13, ["Can you suggest a name for my new puppy?"],
+                          chat_template="auto", max_length=2048)
+    assert float(torch.sigmoid(keys @ patch.gates[name]["weight"] + patch.gates[name]["bias"])[0]) < 0.5

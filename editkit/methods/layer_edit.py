@@ -151,10 +151,12 @@ def layer_result(
     losses: list[dict[str, float]],
     metrics: dict[str, Any],
     timings: dict[str, float],
+    gate: dict[str, torch.Tensor] | None = None,
 ) -> EditResult:
-    """The EditResult of a finished one-layer edit: its patch and what led to it."""
+    """The EditResult of a finished one-layer edit: its patch (the delta behind ``gate``, when
+    given: see :class:`editkit.patch.Patch`) and what led to it."""
     patch = Patch.from_deltas(model, {param_name: delta}, method=method, layer=layer, hparams=hparams.to_dict(),
-                              metrics=metrics)
+                              metrics=metrics, gates={param_name: gate} if gate is not None else {})
     log.info("%s edited layer %d in %.1fs: edit NLL %.3f -> %.3f", method, layer, timings.get("edit", 0.0),
              metrics.get("edit_nll_before", math.nan), metrics.get("edit_nll_after", math.nan))
     return EditResult(method=method, patch=patch, layer=layer, localization=localization, losses=losses,

@@ -50,6 +50,15 @@ class DINMConfig(LayerEditConfig):
                           "dinm/ in editkit's cache ($EDITKIT_DINM_CACHE=off: never), so that a new process does "
                           "not recompute them: they cost most of a cold edit",
                           runtime=True)
+    harm_gate: bool = hp(False, "gate the delta by a harmfulness probe: the edited projection computes W·k + "
+                         "sigmoid(w·k + b)·Δ·k, the logistic probe (w, b) fitted on the last-token keys of other "
+                         "records' attack prompts and bare questions vs the authored benign requests and other "
+                         "records' knowledge prompts (needs constraint_pool; the edited record's texts are left "
+                         "out). The patch carries the gate; it cannot be saved as a plain checkpoint. See "
+                         "editkit.methods.dinm.gate")
+    harm_gate_c: float = hp(0.1, "inverse L2 strength of the gate's logistic probe (on standardised keys)")
+    harm_gate_sharpness: float = hp(1.0, "the gate is sigmoid(s·(w·k + b)) with this s: above 1 it shuts harder "
+                                    "where the probe leans benign and opens harder where it leans harmful")
     own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
                                    "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
                                    "on a test input, and results carry metrics['trains_on_test_inputs'] = ['DG_onlyQ']")
@@ -64,6 +73,8 @@ class DINMConfig(LayerEditConfig):
         self._check(self.benign_answer_tokens >= 1, "benign_answer_tokens must be >= 1")
         self._check(0 < self.null_space_tol < 1, f"null_space_tol must be in (0, 1), got {self.null_space_tol}")
         self._check(self.question_targets >= 0, f"question_targets must be >= 0, got {self.question_targets}")
+        self._check(self.harm_gate_c > 0, f"harm_gate_c must be > 0, got {self.harm_gate_c}")
+        self._check(self.harm_gate_sharpness > 0, f"harm_gate_sharpness must be > 0, got {self.harm_gate_sharpness}")
         self._check(self.question_weight >= 0, f"question_weight must be >= 0, got {self.question_weight}")
 
     @property

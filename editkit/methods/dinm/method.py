@@ -26,7 +26,7 @@ from editkit.devices import real_values
 from editkit.engine import DeltaEditor
 from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
-from editkit.methods.dinm import cache, nullspace
+from editkit.methods.dinm import cache, gate, nullspace
 from editkit.methods.dinm.config import DINMConfig
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
@@ -170,6 +170,19 @@ class DINM(EditingMethod):
             if null_dim == 0:
                 log.warning("null space of layer %d is empty at null_space_tol=%g: the edit cannot change anything",
                             layer, hp.null_space_tol)
+        gate_tensors = None
+        if hp.harm_gate:  # fitted on the unedited model's keys, like the null space
+            t_gate = time.perf_counter()
+            fitted = gate.layer_gate(model, tokenizer, arch, layer, instance, constraint_pool, suffix=suffix,
+                                     chat_template=hp.chat_template, max_length=hp.max_length, c=hp.harm_gate_c,
+                                     disk=hp.disk_cache)
+            own = gate.last_keys(model, tokenizer, arch, layer, [pairs["edit"][0][0]], chat_template=hp.chat_template,
+                                 max_length=hp.max_length, disk=hp.disk_cache)
+            fitted = fitted.sharpened(hp.harm_gate_sharpness)
+            gate_tensors = {"weight": fitted.weight, "bias": fitted.bias}
+            extra.update(gate_fit_accuracy=fitted.accuracy, gate_harmful_texts=fitted.n_harmful,
+                         gate_benign_texts=fitted.n_benign, gate_on_edit_prompt=float(fitted(own)[0]))
+            timings["gate"] = time.perf_counter() - t_gate
         param = mlp_out_name(model, arch, layer)
         w_norm = weight_norm(model, param) if hp.max_delta_ratio is not None else None
         question_names = [name for name in ("questions", "own_question") if name in batches]
@@ -230,4 +243,4 @@ class DINM(EditingMethod):
             metrics["null_space_key_change"] = space.output_change(delta, real_values(model, param_name),
                                                                    arch.mlp_out_transposed)
         return layer_result(model, self.name, hp, param_name=param_name, delta=delta, layer=layer,
-                            localization=found, losses=losses, metrics=metrics, timings=timings)
+                            localization=found, losses=losses, metrics=metrics, timings=timings, gate=gate_tensors)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,18 +103,16 @@ def render(tokenizer: Any, prompts: Sequence[str], *, chat_template: ChatMode, m
 
 
 @torch.no_grad()
-def collect_gram(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list[int]], pad: int,
-                 *, batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, int]:
-    """(Σ k·kᵀ over the keys [d_in, d_in] fp32, number of keys): k the input of ``layer``'s MLP
-    output projection at every non-pad position of ``ids``. The model runs in eval mode (restored
+def _key_batches(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list[int]], pad: int,
+                 batch_size: int) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(positions in ``ids``, keys [b, t, d_in], mask [b, t]) per batch of similar lengths, right
+    padded: the input of ``layer``'s MLP output projection. The model runs in eval mode (restored
     after); unless accelerate offloads some of it, the forward stops at the projection."""
     module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
     base = get_module(model, arch.base)
     device = execution_device(module)
     # raising through accelerate's offload hooks would skip their post-forward (weights left loaded)
     stop = not any(is_offloaded(m) for m in model.modules())
-    gram: torch.Tensor | None = None
-    n_keys = 0
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     was_training = model.training
     model.eval()  # no dropout in the keys
@@ -122,20 +120,43 @@ def collect_gram(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list
         with Trace(module, retain_input=True, retain_output=False, edit_output=_stop if stop else None,
                    detach=True) as trace:
             for start in range(0, len(order), batch_size):
-                input_ids, mask = pad_right([ids[i] for i in order[start:start + batch_size]], pad)
+                chosen = order[start:start + batch_size]
+                input_ids, mask = pad_right([ids[i] for i in chosen], pad)
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 try:
                     base(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 except _StopForward:
                     pass
-                keys = trace.input[mask.bool()].float()  # [n_tokens, d_in]
-                gram = keys.T @ keys if gram is None else gram.addmm_(keys.T, keys)
-                n_keys += keys.shape[0]
+                yield chosen, trace.input, mask.bool()
     finally:
         model.train(was_training)
+
+
+def collect_gram(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list[int]], pad: int,
+                 *, batch_size: int = BATCH_SIZE) -> tuple[torch.Tensor, int]:
+    """(Σ k·kᵀ over the keys [d_in, d_in] fp32, number of keys): k the input of ``layer``'s MLP
+    output projection at every non-pad position of ``ids`` (see :func:`_key_batches`)."""
+    gram: torch.Tensor | None = None
+    n_keys = 0
+    for _, inputs, mask in _key_batches(model, arch, layer, ids, pad, batch_size):
+        keys = inputs[mask].float()  # [n_tokens, d_in]
+        gram = keys.T @ keys if gram is None else gram.addmm_(keys.T, keys)
+        n_keys += keys.shape[0]
     if gram is None:
         raise ValueError("no prompts to collect null-space keys from")
     return gram, n_keys
+
+
+def collect_keys(model: nn.Module, arch: ArchMap, layer: int, ids: Sequence[list[int]], pad: int,
+                 *, last_only: bool = False, batch_size: int = BATCH_SIZE) -> list[torch.Tensor]:
+    """Per sequence of ``ids`` (in order), its keys [len, d_in] fp32, or with ``last_only`` the
+    key of its last token [d_in]."""
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    for chosen, inputs, mask in _key_batches(model, arch, layer, ids, pad, batch_size):
+        for row, i in enumerate(chosen):
+            n = int(mask[row].sum())
+            out[i] = inputs[row, n - 1].float().clone() if last_only else inputs[row, :n].float().clone()
+    return out  # type: ignore[return-value]
 
 
 def key_space(

@@ -1,0 +1,214 @@
+"""Harmfulness gate for the DINM delta: the edited projection computes W·k + g(k)·Δ·k with
+g(k) = sigmoid(w·k + b), a logistic probe on the projection's own input k.
+
+Why: a delta confined to the null space of benign keys acts on an input through that input's key
+energy inside the null space, and on SmolLM2 the bare harmful question has the same share there as
+a benign request (``scripts/null_space_share.py``): no null space tells them apart, so defense on
+the bare question and over-refusal move together. A linear probe on the key of the prompt's last
+token does tell them apart. The gate reads every token's key and keeps no state across decoding
+steps, so it must stay shut on every token of benign text, not only where the answer is decided:
+its positives are the last-token keys of harmful prompts (other records' attack prompts and bare
+questions), its negatives the keys at every token of benign sequences (the authored constraint
+and gate requests, other records' knowledge prompts with their answers), each prompt without and
+with the suffix (:func:`fit_gate`). The patch carries the gate (:class:`editkit.patch.Patch`
+``gates``); no plain checkpoint can hold it.
+
+The harmful examples come from the caller's ``constraint_pool`` (records other than the edited
+one); texts that are or contain the edited record's question, prompt or test inputs are left out,
+so an edit is never gated by a probe that saw what it is scored on. The keys depend on the weights
+up to the edited layer and on the token ids; they are kept per sequence in memory and on disk, so
+the edits of one run compute each sequence's keys once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from editkit.arch import ArchMap
+from editkit.instance import EditInstance
+from editkit.methods.dinm.cache import DiskStore, ModelCache, cache_blocker, weights_digest
+from editkit.methods.dinm.constraints import constraint_requests
+from editkit.methods.dinm.nullspace import collect_keys, render
+from editkit.text import ChatMode, pad_id, prompt_ids, target_ids, with_suffix
+
+log = logging.getLogger(__name__)
+
+GATE_REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "gate_requests.json"
+_KEYS = ModelCache(1 << 15)  # model -> (layer, weights digest, last only, ids digest) -> keys
+MAX_NEGATIVES = 12000  # benign token keys a probe is fitted on (a fixed draw beyond that)
+_DISK = DiskStore("gatekeys")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """g(k) = sigmoid(k·weight + bias) for keys k [..., d_in]; ``accuracy`` on the fitting texts."""
+
+    weight: torch.Tensor  # [d_in] fp32
+    bias: torch.Tensor  # [] fp32
+    n_harmful: int  # harmful prompts (each variant counted)
+    n_benign: int  # benign sequences (each variant counted), each of whose tokens is a negative
+    accuracy: float
+
+    def __call__(self, keys: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(keys.float() @ self.weight.to(keys.device) + self.bias.to(keys.device))
+
+    def sharpened(self, s: float) -> Gate:
+        """sigmoid(s·(k·weight + bias)): the same decision, shut and open harder for s > 1."""
+        return replace(self, weight=s * self.weight, bias=s * self.bias)
+
+
+@lru_cache(maxsize=1)
+def gate_requests() -> tuple[str, ...]:
+    """More authored benign requests, many edgy-sounding (kill it at a recital, a murder-mystery
+    plot, fireworks' colours), for the gate's negatives only: their intents are none of those of
+    the constraint requests or of SafeEdit's benign requests (tuning or reporting part)."""
+    return tuple(r["request"] for r in json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8")))
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def gate_texts(instance: EditInstance, pool: Sequence[EditInstance]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(harmful prompts, benign (prompt, answer) pairs) for the probe of ``instance``'s edit, before
+    the suffix is added.
+
+    Harmful: the attack prompt and bare question of every other record of ``pool``. Benign: the
+    authored constraint requests and gate requests (answer "") and the knowledge pairs of those
+    records. Left out:
+    the edited record (by id) and any text that is, or contains, its question, its prompt or one of
+    its generalization inputs (SafeEdit records share questions, and test inputs quote other
+    questions).
+    """
+    own = [_normal(t) for t in (instance.question, instance.prompt, *instance.generalization.values()) if t.strip()]
+    question = _normal(instance.question) if instance.question.strip() else None
+
+    def leaks(text: str) -> bool:
+        t = _normal(text)
+        return t in own or (question is not None and question in t) or any(t in o for o in own)
+
+    others = [o for o in pool if o.id != instance.id]
+    harmful = [t for o in others for t in (o.prompt, o.question) if t.strip() and not leaks(t)]
+    benign = [*((r, "") for r in (*constraint_requests(), *gate_requests())),
+              *((o.knowledge_prompt, o.knowledge_answer) for o in others if o.knowledge_prompt.strip())]
+    return list(dict.fromkeys(harmful)), list(dict.fromkeys(b for b in benign if not leaks(b[0])))
+
+
+def sequence_ids(tokenizer: Any, prompt: str, answer: str, *, chat_template: ChatMode, max_length: int) -> list[int]:
+    """Token ids of ``prompt`` rendered as the edit renders it, followed by ``answer``'s (if any)."""
+    ids = prompt_ids(tokenizer, prompt, chat_template)
+    ids = ids + (target_ids(tokenizer, answer, chat_template) if answer else [])
+    return ids[-max_length:]
+
+
+@torch.no_grad()
+def sequence_keys(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, sequences: Sequence[list[int]], *,
+                  last_only: bool, disk: bool = True) -> list[torch.Tensor]:
+    """Per token sequence, the inputs of ``layer``'s MLP output projection: at its last token [d_in]
+    (``last_only``) or at every token [len, d_in], fp32 on the CPU, from the caches where they have
+    them (keyed per sequence under the weights up to ``layer``)."""
+    blocker = cache_blocker(model)
+    digest = None if blocker is not None else weights_digest(model, arch, layer)
+    keys: list[torch.Tensor | None] = [None] * len(sequences)
+    names = [(layer, digest, bool(last_only), hashlib.sha256(json.dumps(list(i)).encode()).hexdigest())
+             for i in sequences]
+    if digest is not None:
+        for n, name in enumerate(names):
+            keys[n] = _KEYS.get(model, name)
+            if keys[n] is None and disk:
+                found = _DISK.read_tensors(list(name))
+                if found is not None and "keys" in found[0]:
+                    keys[n] = found[0]["keys"].float()
+                    _KEYS.put(model, name, keys[n])
+    missing = [n for n, k in enumerate(keys) if k is None]
+    if missing:
+        computed = collect_keys(model, arch, layer, [sequences[n] for n in missing], pad_id(tokenizer),
+                                last_only=last_only)
+        for n, key in zip(missing, computed):
+            keys[n] = key.cpu()
+            if digest is not None:
+                _KEYS.put(model, names[n], keys[n])
+                if disk:
+                    _DISK.write_tensors(list(names[n]), {"keys": keys[n]}, {})
+    return keys  # type: ignore[return-value]
+
+
+def last_keys(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, prompts: Sequence[str], *,
+              chat_template: ChatMode, max_length: int, disk: bool = True) -> torch.Tensor:
+    """[len(prompts), d_in] fp32: each prompt's last-token key (prompts rendered as the edit does)."""
+    ids = render(tokenizer, prompts, chat_template=chat_template, max_length=max_length)
+    return torch.stack(sequence_keys(model, tokenizer, arch, layer, ids, last_only=True, disk=disk))
+
+
+def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmful: Sequence[str],
+             benign: Sequence[tuple[str, str]], *, suffix: str | None, chat_template: ChatMode, max_length: int,
+             c: float = 0.1, disk: bool = True) -> Gate:
+    """A logistic probe, harmful (1) vs benign (0): the positives are the last-token keys of the
+    ``harmful`` prompts, the negatives the keys at *every* token of the ``benign`` (prompt, answer)
+    sequences (prompt and answer), each prompt without and (``suffix`` given) with the suffix. The
+    gate reads every token's key, so it must stay shut on every token of benign text, not only on
+    the prompt's last one. Three groups weigh the same: the positives, the benign prompts' last
+    tokens, and every other benign token (repeated keys, the chat template's shared opening, once;
+    at most ``MAX_NEGATIVES`` of them, a fixed draw). Features standardised, L2 strength 1/``c``;
+    the standardisation is folded into the weights. ``accuracy`` is the weighted one."""
+    import numpy as np
+
+    try:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+    except ImportError as err:
+        raise ImportError("harm_gate fits its probe with scikit-learn: pip install 'editkit[train]' "
+                          "(or scikit-learn)") from err
+
+    if not harmful or not benign:
+        raise ValueError(f"the harmfulness gate needs harmful and benign examples; got {len(harmful)} harmful "
+                         f"and {len(benign)} benign texts (pass other records as constraint_pool)")
+    variants = [None, suffix] if suffix else [None]
+    positives = last_keys(model, tokenizer, arch, layer, [with_suffix(t, s) for s in variants for t in harmful],
+                          chat_template=chat_template, max_length=max_length, disk=disk)
+    prompts = [with_suffix(p, s) for s in variants for p, _ in benign]
+    answers = [a for _ in variants for _, a in benign]
+    sequences = [sequence_ids(tokenizer, p, a, chat_template=chat_template, max_length=max_length)
+                 for p, a in zip(prompts, answers)]
+    every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
+    # the prompt's last token (where the answer is decided) and the other tokens, as two groups
+    ends = [min(len(prompt_ids(tokenizer, p, chat_template)), len(s)) - 1 for p, s in zip(prompts, sequences)]
+    last = torch.stack([k[e] for k, e in zip(every, ends)])
+    rest = torch.cat([torch.cat([k[:e], k[e + 1:]]) for k, e in zip(every, ends)])
+    rest = torch.unique(rest, dim=0)  # the chat template's shared opening once
+    if len(rest) > MAX_NEGATIVES:
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:MAX_NEGATIVES]]
+    x = torch.cat([positives, last, rest]).double().numpy()
+    y = np.r_[np.ones(len(positives)), np.zeros(len(last) + len(rest))]
+    # each group weighs the same in the loss: harmful prompts' last tokens, benign prompts' last
+    # tokens, every other benign token
+    w = np.r_[np.full(len(positives), 1 / len(positives)), np.full(len(last), 1 / len(last)),
+              np.full(len(rest), 1 / len(rest))] * len(x) / 3
+    scaler = StandardScaler().fit(x)
+    probe = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x), y, sample_weight=w)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    weight = probe.coef_[0] / scale
+    bias = probe.intercept_[0] - float(weight @ scaler.mean_)
+    accuracy = float(probe.score(scaler.transform(x), y, sample_weight=w))
+    return Gate(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32),
+                len(positives), len(sequences), accuracy)
+
+
+def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
+               pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
+               c: float, disk: bool = True) -> Gate:
+    """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
+    harmful, benign = gate_texts(instance, pool)
+    log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
+             len(harmful), len(benign))
+    return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,
+                    max_length=max_length, c=c, disk=disk)

@@ -1,0 +1,99 @@
+"""How well DINM's harmfulness gate separates harmful from benign inputs, held out.
+
+The gate (``editkit.methods.dinm.gate``) is fitted on the records of one fold of the 100 dev
+records (2-fold by record id, as the cross-fitted methods are scored) and read on the other fold's
+test inputs and on the authored benign requests of the **tuning part** (the reporting part is
+never shown here). For each layer and each L2 strength ``C`` it prints the share of inputs whose
+gate at the prompt's last token is above 0.5 (and above 0.9): benign requests without and with the
+suffix (false openings), the other fold's bare questions (DG_onlyQ) with and without the suffix and
+its other-attack inputs (DG_otherA) with the suffix (recall). ``--positions`` also prints the mean
+gate over every other token of those prompts and over the tokens of the unedited model's 20-token
+answers (the gate reads every token, so it must stay shut there on benign text).
+
+    python scripts/gate_check.py --layers 13 29 --c 1 0.1 0.01 0.001
+    python scripts/gate_check.py --layers 13 29 --positions
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import editkit
+from editkit.arch import decoder_layers, get_module, resolve_arch
+from editkit.instance import EditInstance
+from editkit.interventions import folds_by_id
+from editkit.methods.dinm import gate
+from editkit.text import prompt_ids, with_suffix
+from safeedit.dataset import load_safeedit, shared_data_dir
+from safeedit.metrics import SUFFIX, load_benign_requests
+
+# an instance that shares no text with any record: the fold's whole pool is used
+NOBODY = EditInstance(id="-", prompt="-", safe="-", unsafe="-", knowledge_prompt="-", knowledge_answer="-")
+
+
+def token_gates(model, tok, arch, layer: int, fitted: gate.Gate, prompts: list[str]) -> tuple[float, float]:
+    """Mean gate over the prompts' tokens before the last, and over the unedited model's answers' tokens."""
+    answers = editkit.generate(model, tok, prompts, max_new_tokens=20, batch_size=16)
+    module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
+    body, answer = [], []
+    for prompt, text in zip(prompts, answers):
+        ids = prompt_ids(tok, prompt, "auto")
+        full = ids + tok(text, add_special_tokens=False).input_ids
+        seen = []
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(args[0][0].detach().float()))
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.tensor([full]))
+        finally:
+            handle.remove()
+        g = fitted(seen[0])
+        body.append(g[: len(ids) - 1])
+        answer.append(g[len(ids):])
+    return float(torch.cat(body).mean()), float(torch.cat(answer).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(shared_data_dir() / "safeedit" / "safeedit_dev.json"))
+    parser.add_argument("--layers", type=int, nargs="+", default=[13, 29])
+    parser.add_argument("--c", type=float, nargs="+", default=[0.1])
+    parser.add_argument("--positions", action="store_true", help="also the mean gate on other tokens and answers")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pool = load_safeedit(args.data).instances
+    folds = folds_by_id(pool, 2)
+    fit_on, test = [r for r in pool if folds[r.id] == 1], [r for r in pool if folds[r.id] == 0]
+    harmful, benign = gate.gate_texts(NOBODY, fit_on)
+    requests = [r["request"] for r in load_benign_requests("tuning")]
+    inputs = {
+        "benign": requests,
+        "benign+s": [with_suffix(p, SUFFIX) for p in requests],
+        "onlyQ+s": [with_suffix(r.generalization["DG_onlyQ"], SUFFIX) for r in test],
+        "onlyQ": [r.generalization["DG_onlyQ"] for r in test],
+        "otherA+s": [with_suffix(r.generalization["DG_otherA"], SUFFIX) for r in test],
+    }
+    model, tok = editkit.load_default()
+    arch = resolve_arch(model)
+    print(f"fitted on fold 1 ({len(fit_on)} records: {len(harmful)} harmful prompts, {len(benign)} benign texts); "
+          f"read on fold 0 ({len(test)} records) and the {len(requests)} tuning-part benign requests")
+    print("| layer | C | " + " | ".join(f"{name} > 0.5 | > 0.9" for name in inputs) + " |")
+    print("| --- | --- | " + " | ".join("---: | ---:" for _ in inputs) + " |")
+    for layer in args.layers:
+        keys = {name: gate.last_keys(model, tok, arch, layer, prompts, chat_template="auto", max_length=2048)
+                for name, prompts in inputs.items()}
+        for c in args.c:
+            fitted = gate.fit_gate(model, tok, arch, layer, harmful, benign, suffix=SUFFIX, chat_template="auto",
+                                   max_length=2048, c=c)
+            shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
+                      for k in keys.values()]
+            print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)
+            if args.positions:
+                for name in ("benign", "benign+s", "onlyQ+s"):
+                    body, answer = token_gates(model, tok, arch, layer, fitted, inputs[name])
+                    print(f"    layer {layer}, C {c:g}, {name}: mean gate on other prompt tokens {body:.3f}, "
+                          f"on answer tokens {answer:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
