@@ -232,8 +232,8 @@ def test_yaml_round_trip() -> None:
     assert "lr = 0.0005  # Adam learning rate" in DINMConfig.describe()
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-guard40", "smollm2-135m-mid", "llama-2-7b-chat",
-                                  "mistral-7b"])
+@pytest.mark.parametrize("name", ["smollm2-135m", "smollm2-135m-guard40", "smollm2-135m-mid", "smollm2-135m-gated",
+                                  "llama-2-7b-chat", "mistral-7b"])
 def test_shipped_hparams_by_short_name(name: str) -> None:
     import yaml
 
