@@ -157,10 +157,10 @@ def disk_cache(folder: Path) -> Iterator[None]:
             os.environ["EDITKIT_DINM_CACHE"] = before
 
 
-def others(data: Path, inst: Any) -> list[Any]:
-    """The records of ``data`` other than ``inst``: the constraint pool an edit gets, as in a SafeEdit
+def others(pool: list[Any], inst: Any) -> list[Any]:
+    """The records of ``pool`` other than ``inst``: the constraint pool an edit gets, as in a SafeEdit
     run (a gated DINM fits its harmfulness gate on them; other settings ignore it)."""
-    return [r for r in editkit.load_instances(data) if r.id != inst.id]
+    return [r for r in pool if r.id != inst.id]
 
 
 def timed_edit(model: Any, tok: Any, inst: Any, config: HParams, *, disk: Path | None = None,
@@ -215,7 +215,8 @@ def _memory_probe(args: argparse.Namespace) -> None:
     """Child process: load the model, one edit with one path, print the memory numbers as JSON."""
     model, tok = editkit.load_model(args.model)
     config = dinm_settings(args.hparams, args.mem_steps).replace(fast_path=args.memory_probe == "fast")
-    inst = editkit.load_instances(args.data, limit=args.n)[args.mem_record]
+    pool = editkit.load_instances(args.data)
+    inst = pool[args.mem_record]
     device = next(model.parameters()).device
     with torch.no_grad():  # touch every weight once (mmapped pages), warm the thread pool
         model(input_ids=tok("warm up", return_tensors="pt").input_ids.to(device))
@@ -225,14 +226,14 @@ def _memory_probe(args: argparse.Namespace) -> None:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(args.data, inst))
+        editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(pool, inst))
         torch.cuda.synchronize()
         out.update(method="torch.cuda.max_memory_allocated - allocated before",
                    peak_increase=torch.cuda.max_memory_allocated() - base)
     else:
         base = _rss_bytes()
         with RSSSampler() as sampler:
-            editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(args.data, inst))
+            editkit.edit(model, inst, tokenizer=tok, hparams=config, constraint_pool=others(pool, inst))
         out.update(method="peak RSS (sampled every 2 ms) - RSS before the edit", peak_increase=sampler.peak - base,
                    rss_before=base)
     print("MEMORY " + json.dumps(out))
@@ -415,7 +416,8 @@ def main() -> None:
     model, tok = editkit.load_model(args.model)
     arch = resolve_arch(model)
     n_layers = len(decoder_layers(model, arch))
-    instances = editkit.load_instances(args.data, limit=args.n)
+    pool = editkit.load_instances(args.data)  # read once: the records timed and every edit's constraint pool
+    instances = pool[:args.n]
     source = args.hparams or f"preset {PRESET} ({hparams_path('dinm', PRESET).relative_to(REPO)})"
     print(f"model {args.model} ({type(model).__name__}, {n_layers} layers, {param_bytes(model) / 2**20:.0f} MiB "
           f"params), torch threads {torch.get_num_threads()}")
@@ -427,13 +429,13 @@ def main() -> None:
               f"committed configuration's speed")
     # warm-up (kernels, allocator, thread pool, generation): one step of each configuration, untimed, on a
     # record that is not timed (timed_edit drops the DINM caches anyway)
-    spare = editkit.load_instances(args.data, limit=args.n + 1)[-1]
+    spare = pool[args.n]
     for config in configs.values():
         editkit.edit(model, spare, tokenizer=tok, hparams=config.replace(steps=1), allow_untrusted=True,
-                     constraint_pool=others(args.data, spare))
+                     constraint_pool=others(pool, spare))
     rows = []
     for inst in instances:
-        rows.append(bench_record(model, tok, arch, inst, configs, args.repeats, others(args.data, inst)))
+        rows.append(bench_record(model, tok, arch, inst, configs, args.repeats, others(pool, inst)))
         print_record(rows[-1], n_layers)
     summary = summarise(rows)
     print_summary(summary, len(rows), torch.get_num_threads())

@@ -74,7 +74,8 @@ def gate_requests() -> tuple[str, ...]:
     return tuple(r["request"] for r in json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8")))
 
 
-def _normal(text: str) -> str:
+def normal_text(text: str) -> str:
+    """``text`` with whitespace runs collapsed and case folded: how texts are compared for leaks."""
     return " ".join(text.split()).casefold()
 
 
@@ -89,11 +90,11 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance]) -> tuple[li
     its generalization inputs (SafeEdit records share questions, and test inputs quote other
     questions).
     """
-    own = [_normal(t) for t in (instance.question, instance.prompt, *instance.generalization.values()) if t.strip()]
-    question = _normal(instance.question) if instance.question.strip() else None
+    own = [normal_text(t) for t in (instance.question, instance.prompt, *instance.generalization.values()) if t.strip()]
+    question = normal_text(instance.question) if instance.question.strip() else None
 
     def leaks(text: str) -> bool:
-        t = _normal(text)
+        t = normal_text(text)
         return t in own or (question is not None and question in t) or any(t in o for o in own)
 
     others = [o for o in pool if o.id != instance.id]

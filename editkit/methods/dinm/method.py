@@ -28,6 +28,7 @@ from editkit.instance import EditInstance
 from editkit.methods.base import EditingMethod
 from editkit.methods.dinm import cache, gate, nullspace
 from editkit.methods.dinm.config import DINMConfig
+from editkit.methods.dinm.gate import normal_text as _normal
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
 from editkit.result import EditResult
@@ -48,10 +49,6 @@ def _kl(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def _part(batch: str) -> str:
     """The name a question batch's NLL goes by in the step records and metrics."""
     return {"questions": "question_nll", "own_question": "own_question_nll"}[batch]
-
-
-def _normal(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 def question_records(instance: EditInstance, pool: Sequence[EditInstance], k: int) -> list[EditInstance]:
