@@ -129,6 +129,9 @@ class DeltaEditor:
     ``rows``: on the fast path, a store of reference rows to read and fill (see the module docstring);
     ``row_stats`` counts the rows reused and computed, ``reference_seconds`` times the reference pass.
     ``replay``: whether the edited layer is replayed from its cached output and keys.
+    ``gate``: keys [..., d_in] → weights [...]; the steps then see g(k)·Δ·k at each position, the
+    change a gated patch makes at inference (keys are the unedited model's, so on the fast path the
+    weights are computed once, from the unprojected keys).
     """
 
     def __init__(
@@ -141,8 +144,10 @@ class DeltaEditor:
         fast_path: bool = True,
         projector: torch.Tensor | None = None,
         rows: RowStore | None = None,
+        gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.gate = gate
         self.arch = arch
         self.layer = layer
         self.layers = decoder_layers(model, arch)
@@ -180,9 +185,11 @@ class DeltaEditor:
 
     # -- hooks -----------------------------------------------------------------------------------
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]  # [batch, seq, d_in] input of the projection
-        delta = self.effective_delta()
-        return output + linear_delta(x.float(), delta, self.arch.mlp_out_transposed).to(output.dtype)
+        x = args[0].float()  # [batch, seq, d_in] input of the projection
+        change = linear_delta(x, self.effective_delta(), self.arch.mlp_out_transposed)
+        if self.gate is not None:
+            change = change * self.gate(x).unsqueeze(-1)
+        return output + change.to(output.dtype)
 
     def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
         return replace_first_arg(args, kwargs, self._cache[self._current])
@@ -191,6 +198,8 @@ class DeltaEditor:
         """The edited layer's output for the current batch under the current delta: O + Δ·K."""
         cached = self._cache[self._current]
         change = linear_delta(cached["keys"], self.delta, self.arch.mlp_out_transposed)
+        if "gate" in cached:
+            change = change * cached["gate"]
         return cached["output"] + change.to(cached["output"].dtype)
 
     def __enter__(self) -> DeltaEditor:
@@ -252,9 +261,12 @@ class DeltaEditor:
         if not self.replay:
             return pieces.entry
         keys = pieces.keys.float()
+        prepared = {"output": pieces.output}
+        if self.gate is not None:  # of the keys themselves, not of their projection
+            prepared["gate"] = self.gate(keys).unsqueeze(-1)
         if self.projector is not None:
             keys = keys @ self.projector  # Δ·P·k = Δ·(k·P): P is symmetric
-        return {"output": pieces.output, "keys": keys}
+        return {**prepared, "keys": keys}
 
     def _traced_forward(self, batch: TokenBatch) -> tuple[RowReference, torch.Tensor]:
         """One full forward: the pieces the steps start from (a :class:`RowReference` over the padded

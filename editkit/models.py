@@ -68,18 +68,44 @@ def _dequantized(model: Any) -> Any:
     return model
 
 
+def _content_key(path: Path, chunk: int = 1 << 22) -> str:
+    """The file's size and a digest of its first and last ``chunk`` bytes (header, metadata and the
+    last tensors): the same for a reinstalled copy, different for another version of the file."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as f:
+        digest.update(f.read(chunk))
+        f.seek(max(size - chunk, 0))
+        digest.update(f.read(chunk))
+    return f"{size}-c{digest.hexdigest()[:16]}"
+
+
+def _remove_mtime_keyed(root: Path) -> None:
+    """Remove converted copies that older editkit versions keyed by the GGUF's mtime (one more per
+    reinstall of the package, ~0.5 GB each): the content-keyed copy replaces them all."""
+    import re
+
+    legacy = re.compile(rf"{re.escape(DEFAULT_NAME)}-v\d+-\d+-\d{{9,}}")
+    for old in root.glob(f"{DEFAULT_NAME}-v*") if root.is_dir() else ():
+        if old.is_dir() and legacy.fullmatch(old.name):
+            log.info("removing %s (a copy keyed by the GGUF's mtime; now keyed by its content)", old)
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def load_default(*, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """SmolLM2-135M-Instruct, de-quantised from the packaged GGUF to ``dtype``.
 
-    The first call converts the GGUF and caches a safetensors copy (keyed by the GGUF's size and
-    mtime); later calls load that copy in about a second.
+    The first call converts the GGUF and caches a safetensors copy, keyed by the GGUF's content (a
+    reinstalled package reuses it); later calls load that copy in about a second.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_gguf()
-    stat = gguf.stat()
-    folder = cache_dir() / f"{DEFAULT_NAME}-v{_CACHE_VERSION}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_dir() / f"{DEFAULT_NAME}-v{_CACHE_VERSION}-{_content_key(gguf)}"
     if not (folder / "config.json").is_file():
+        _remove_mtime_keyed(folder.parent)
         log.info("converting %s to safetensors in %s (once)", gguf.name, folder)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = _dequantized(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32))

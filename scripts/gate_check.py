@@ -1,17 +1,19 @@
 """How well DINM's harmfulness gate separates harmful from benign inputs, held out.
 
 The gate (``editkit.methods.dinm.gate``) is fitted on the records of one fold of the 100 dev
-records (2-fold by record id, as the cross-fitted methods are scored) and read on the other fold's
-test inputs and on the authored benign requests of the **tuning part** (the reporting part is
-never shown here). For each layer and each L2 strength ``C`` it prints the share of inputs whose
-gate at the prompt's last token is above 0.5 (and above 0.9): benign requests without and with the
-suffix (false openings), the other fold's bare questions (DG_onlyQ) with and without the suffix and
-its other-attack inputs (DG_otherA) with the suffix (recall). ``--positions`` also prints the mean
-gate over every other token of those prompts and over the tokens of the unedited model's 20-token
-answers (the gate reads every token, so it must stay shut there on benign text).
+records (2-fold by record id, as the cross-fitted methods are scored) and read on the test inputs of
+the other fold's records whose question no record of the first fold shares, and on the authored
+benign requests of the **tuning part** (the reporting part is never shown here). For each layer and
+each L2 strength ``C`` it prints the share of inputs whose gate at the prompt's last token is above
+0.5 (and above 0.9): benign requests without and with the suffix (false openings), the other fold's
+bare questions (DG_onlyQ) with and without the suffix and its other-attack inputs (DG_otherA,
+DG_otherAQ) with the suffix (recall). ``--positions`` also prints the mean gate over every other
+token of those prompts and over the tokens of the unedited model's 20-token answers (the gate reads
+every token, so it must stay shut there on benign text).
 
     python scripts/gate_check.py --layers 13 29 --c 1 0.1 0.01 0.001
     python scripts/gate_check.py --layers 13 29 --positions
+    python scripts/gate_check.py --layers 13 --test-inputs
 """
 from __future__ import annotations
 
@@ -59,12 +61,20 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[13, 29])
     parser.add_argument("--c", type=float, nargs="+", default=[0.1])
     parser.add_argument("--positions", action="store_true", help="also the mean gate on other tokens and answers")
+    parser.add_argument("--max-negatives", type=int, default=gate.MAX_NEGATIVES,
+                        help="benign token keys the probe is fitted on (a fixed draw beyond that)")
+    parser.add_argument("--test-inputs", action="store_true",
+                        help="fit with the fold's generalization inputs among the harmful examples (harm_gate_test_inputs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pool = load_safeedit(args.data).instances
     folds = folds_by_id(pool, 2)
-    fit_on, test = [r for r in pool if folds[r.id] == 1], [r for r in pool if folds[r.id] == 0]
-    harmful, benign = gate.gate_texts(NOBODY, fit_on)
+    fit_on = [r for r in pool if folds[r.id] == 1]
+    # read on the other fold's records whose question no fitting record shares (records share
+    # questions, and an edit's own probe never sees its question: see gate.gate_texts)
+    seen = {gate.normal_text(r.question) for r in fit_on}
+    test = [r for r in pool if folds[r.id] == 0 and gate.normal_text(r.question) not in seen]
+    harmful, benign = gate.gate_texts(NOBODY, fit_on, test_inputs=args.test_inputs)
     requests = [r["request"] for r in load_benign_requests("tuning")]
     inputs = {
         "benign": requests,
@@ -72,6 +82,7 @@ def main() -> None:
         "onlyQ+s": [with_suffix(r.generalization["DG_onlyQ"], SUFFIX) for r in test],
         "onlyQ": [r.generalization["DG_onlyQ"] for r in test],
         "otherA+s": [with_suffix(r.generalization["DG_otherA"], SUFFIX) for r in test],
+        "otherAQ+s": [with_suffix(r.generalization["DG_otherAQ"], SUFFIX) for r in test],
     }
     model, tok = editkit.load_default()
     arch = resolve_arch(model)
@@ -84,7 +95,7 @@ def main() -> None:
                 for name, prompts in inputs.items()}
         for c in args.c:
             fitted = gate.fit_gate(model, tok, arch, layer, harmful, benign, suffix=SUFFIX, chat_template="auto",
-                                   max_length=2048, c=c)
+                                   max_length=2048, c=c, max_negatives=args.max_negatives)
             shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
                       for k in keys.values()]
             print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)

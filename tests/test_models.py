@@ -173,3 +173,31 @@ def test_lazy_names_resolve() -> None:
             assert getattr(editkit, name) is not None
     with pytest.raises(AttributeError):
         editkit.no_such_thing  # noqa: B018
+
+
+def test_default_model_cache_is_keyed_by_content(tmp_path) -> None:
+    """The converted default model is found again after a reinstall (same bytes, new mtime), not
+    for another file; copies keyed by mtime (older editkit) are removed, nothing else is."""
+    import os
+
+    from editkit.models import DEFAULT_NAME, _content_key, _remove_mtime_keyed
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(bytes(range(256)) * 40000)  # ~10 MB: beyond both chunks
+    key = _content_key(gguf)
+    os.utime(gguf, (1, 1))
+    assert _content_key(gguf) == key
+    data = bytearray(gguf.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # the tail differs
+    gguf.write_bytes(bytes(data))
+    assert _content_key(gguf) != key
+
+    cache = tmp_path / "cache"
+    keep = [cache / f"{DEFAULT_NAME}-v1-{key}", cache / "other-model-v1-98362432-1796545621",
+            cache / "dinm"]
+    stale = [cache / f"{DEFAULT_NAME}-v1-98362432-1796545621", cache / f"{DEFAULT_NAME}-v1-98362432-1796553799"]
+    for folder in keep + stale:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    _remove_mtime_keyed(cache)
+    assert all(f.is_dir() for f in keep) and not any(f.exists() for f in stale)

@@ -59,6 +59,13 @@ class DINMConfig(LayerEditConfig):
     harm_gate_c: float = hp(0.1, "inverse L2 strength of the gate's logistic probe (on standardised keys)")
     harm_gate_sharpness: float = hp(1.0, "the gate is sigmoid(s·(w·k + b)) with this s: above 1 it shuts harder "
                                     "where the probe leans benign and opens harder where it leans harmful")
+    harm_gate_test_inputs: bool = hp(False, "also count the other records' generalization inputs (their question in "
+                                     "other attack wrappers, other questions in theirs) among the gate's harmful "
+                                     "examples; the edited record's own texts stay out")
+    harm_gate_train: bool = hp(False, "train the delta behind the gate: the steps see g(k)·Δ·k at each position, the "
+                               "change the gated patch makes at inference (the gate is fitted first; it reads the "
+                               "unedited model's keys, so it costs nothing per step). Off: the delta is trained "
+                               "ungated and gated afterwards")
     own_question_target: bool = hp(False, "add the edited record's own bare question (with its safe response) as an "
                                    "edit target. On SafeEdit the bare question IS the DG_onlyQ test input: this trains "
                                    "on a test input, and results carry metrics['trains_on_test_inputs'] = ['DG_onlyQ']")
@@ -74,6 +81,7 @@ class DINMConfig(LayerEditConfig):
         self._check(0 < self.null_space_tol < 1, f"null_space_tol must be in (0, 1), got {self.null_space_tol}")
         self._check(self.question_targets >= 0, f"question_targets must be >= 0, got {self.question_targets}")
         self._check(self.harm_gate_c > 0, f"harm_gate_c must be > 0, got {self.harm_gate_c}")
+        self._check(self.harm_gate or not self.harm_gate_train, "harm_gate_train needs harm_gate: true")
         self._check(self.harm_gate_sharpness > 0, f"harm_gate_sharpness must be > 0, got {self.harm_gate_sharpness}")
         self._check(self.question_weight >= 0, f"question_weight must be >= 0, got {self.question_weight}")
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 GATE_REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "gate_requests.json"
 _KEYS = ModelCache(1 << 15)  # model -> (layer, weights digest, last only, ids digest) -> keys
-MAX_NEGATIVES = 12000  # benign token keys a probe is fitted on (a fixed draw beyond that)
+MAX_NEGATIVES = 6000  # benign token keys a probe is fitted on (a fixed draw beyond that)
 _DISK = DiskStore("gatekeys")
 
 
@@ -79,11 +79,13 @@ def normal_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def gate_texts(instance: EditInstance, pool: Sequence[EditInstance]) -> tuple[list[str], list[tuple[str, str]]]:
+def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *,
+               test_inputs: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """(harmful prompts, benign (prompt, answer) pairs) for the probe of ``instance``'s edit, before
     the suffix is added.
 
-    Harmful: the attack prompt and bare question of every other record of ``pool``. Benign: the
+    Harmful: the attack prompt and bare question of every other record of ``pool`` (``test_inputs``:
+    and that record's generalization inputs too, more attack wrappers around more questions). Benign: the
     authored constraint requests and gate requests (answer "") and the knowledge pairs of those
     records. Left out:
     the edited record (by id) and any text that is, or contains, its question, its prompt or one of
@@ -98,7 +100,8 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance]) -> tuple[li
         return t in own or (question is not None and question in t) or any(t in o for o in own)
 
     others = [o for o in pool if o.id != instance.id]
-    harmful = [t for o in others for t in (o.prompt, o.question) if t.strip() and not leaks(t)]
+    harmful = [t for o in others for t in (o.prompt, o.question, *(o.generalization.values() if test_inputs else ()))
+               if t.strip() and not leaks(t)]
     benign = [*((r, "") for r in (*constraint_requests(), *gate_requests())),
               *((o.knowledge_prompt, o.knowledge_answer) for o in others if o.knowledge_prompt.strip())]
     return list(dict.fromkeys(harmful)), list(dict.fromkeys(b for b in benign if not leaks(b[0])))
@@ -106,9 +109,34 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance]) -> tuple[li
 
 def sequence_ids(tokenizer: Any, prompt: str, answer: str, *, chat_template: ChatMode, max_length: int) -> list[int]:
     """Token ids of ``prompt`` rendered as the edit renders it, followed by ``answer``'s (if any)."""
+    return _sequence(tokenizer, prompt, answer, chat_template=chat_template, max_length=max_length)[0]
+
+
+def _sequence(tokenizer: Any, prompt: str, answer: str, *, chat_template: ChatMode,
+              max_length: int) -> tuple[list[int], int]:
+    """(:func:`sequence_ids`, the position of the prompt's last token in them)."""
     ids = prompt_ids(tokenizer, prompt, chat_template)
+    end = len(ids)
     ids = ids + (target_ids(tokenizer, answer, chat_template) if answer else [])
-    return ids[-max_length:]
+    return ids[-max_length:], max(end - 1 - max(len(ids) - max_length, 0), 0)
+
+
+def _new_positions(sequences: Sequence[list[int]], skip: Sequence[int]) -> list[list[int]]:
+    """Per sequence, the positions (but ``skip``'s) whose token prefix no earlier position had: a
+    causal model gives equal prefixes equal keys (the chat template's opening, a prompt asked
+    without and with the suffix), and a key seen once is kept once."""
+    seen: set[int] = set()
+    kept = []
+    for ids, end in zip(sequences, skip):
+        prefix, own = 0, []
+        for t, token in enumerate(ids):
+            prefix = hash((prefix, token))
+            if prefix not in seen:
+                seen.add(prefix)
+                if t != end:
+                    own.append(t)
+        kept.append(own)
+    return kept
 
 
 @torch.no_grad()
@@ -152,15 +180,16 @@ def last_keys(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, promp
 
 def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmful: Sequence[str],
              benign: Sequence[tuple[str, str]], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-             c: float = 0.1, disk: bool = True) -> Gate:
+             c: float = 0.1, max_negatives: int = MAX_NEGATIVES, disk: bool = True) -> Gate:
     """A logistic probe, harmful (1) vs benign (0): the positives are the last-token keys of the
     ``harmful`` prompts, the negatives the keys at *every* token of the ``benign`` (prompt, answer)
     sequences (prompt and answer), each prompt without and (``suffix`` given) with the suffix. The
     gate reads every token's key, so it must stay shut on every token of benign text, not only on
     the prompt's last one. Three groups weigh the same: the positives, the benign prompts' last
-    tokens, and every other benign token (repeated keys, the chat template's shared opening, once;
-    at most ``MAX_NEGATIVES`` of them, a fixed draw). Features standardised, L2 strength 1/``c``;
-    the standardisation is folded into the weights. ``accuracy`` is the weighted one."""
+    tokens, and every other benign token (a token prefix seen before, e.g. the chat template's
+    shared opening, once; at most ``max_negatives`` of them, a fixed draw). Features standardised (fp32: the fit is a
+    chain of matrix-vector products over the keys), L2 strength 1/``c``; the standardisation is
+    folded into the weights. ``accuracy`` is the weighted one."""
     import numpy as np
 
     try:
@@ -178,37 +207,36 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
                           chat_template=chat_template, max_length=max_length, disk=disk)
     prompts = [with_suffix(p, s) for s in variants for p, _ in benign]
     answers = [a for _ in variants for _, a in benign]
-    sequences = [sequence_ids(tokenizer, p, a, chat_template=chat_template, max_length=max_length)
-                 for p, a in zip(prompts, answers)]
+    sequences, ends = map(list, zip(*(_sequence(tokenizer, p, a, chat_template=chat_template, max_length=max_length)
+                                      for p, a in zip(prompts, answers))))
     every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
     # the prompt's last token (where the answer is decided) and the other tokens, as two groups
-    ends = [min(len(prompt_ids(tokenizer, p, chat_template)), len(s)) - 1 for p, s in zip(prompts, sequences)]
     last = torch.stack([k[e] for k, e in zip(every, ends)])
-    rest = torch.cat([torch.cat([k[:e], k[e + 1:]]) for k, e in zip(every, ends)])
-    rest = torch.unique(rest, dim=0)  # the chat template's shared opening once
-    if len(rest) > MAX_NEGATIVES:
-        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:MAX_NEGATIVES]]
-    x = torch.cat([positives, last, rest]).double().numpy()
+    rest = torch.cat([k[keep] for k, keep in zip(every, _new_positions(sequences, ends))])
+    if len(rest) > max_negatives:
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:max_negatives]]
+    x = torch.cat([positives, last, rest]).float().numpy()
     y = np.r_[np.ones(len(positives)), np.zeros(len(last) + len(rest))]
     # each group weighs the same in the loss: harmful prompts' last tokens, benign prompts' last
     # tokens, every other benign token
     w = np.r_[np.full(len(positives), 1 / len(positives)), np.full(len(last), 1 / len(last)),
               np.full(len(rest), 1 / len(rest))] * len(x) / 3
     scaler = StandardScaler().fit(x)
-    probe = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x), y, sample_weight=w)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    weight = probe.coef_[0] / scale
-    bias = probe.intercept_[0] - float(weight @ scaler.mean_)
-    accuracy = float(probe.score(scaler.transform(x), y, sample_weight=w))
+    z = scaler.transform(x)
+    probe = LogisticRegression(C=c, max_iter=5000).fit(z, y, sample_weight=w)
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0).astype(np.float64)
+    weight = probe.coef_[0].astype(np.float64) / scale
+    bias = float(probe.intercept_[0]) - float(weight @ scaler.mean_.astype(np.float64))
+    accuracy = float(probe.score(z, y, sample_weight=w))
     return Gate(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32),
                 len(positives), len(sequences), accuracy)
 
 
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
                pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-               c: float, disk: bool = True) -> Gate:
+               c: float, test_inputs: bool = False, disk: bool = True) -> Gate:
     """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
-    harmful, benign = gate_texts(instance, pool)
+    harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs)
     log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
              len(harmful), len(benign))
     return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,

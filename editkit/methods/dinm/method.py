@@ -167,12 +167,12 @@ class DINM(EditingMethod):
             if null_dim == 0:
                 log.warning("null space of layer %d is empty at null_space_tol=%g: the edit cannot change anything",
                             layer, hp.null_space_tol)
-        gate_tensors = None
+        gate_tensors = fitted = None
         if hp.harm_gate:  # fitted on the unedited model's keys, like the null space
             t_gate = time.perf_counter()
             fitted = gate.layer_gate(model, tokenizer, arch, layer, instance, constraint_pool, suffix=suffix,
                                      chat_template=hp.chat_template, max_length=hp.max_length, c=hp.harm_gate_c,
-                                     disk=hp.disk_cache)
+                                     test_inputs=hp.harm_gate_test_inputs, disk=hp.disk_cache)
             own = gate.last_keys(model, tokenizer, arch, layer, [pairs["edit"][0][0]], chat_template=hp.chat_template,
                                  max_length=hp.max_length, disk=hp.disk_cache)
             fitted = fitted.sharpened(hp.harm_gate_sharpness)
@@ -186,7 +186,8 @@ class DINM(EditingMethod):
 
         t1 = time.perf_counter()
         rows = cache.reference_rows(model, digest, disk=hp.disk_cache) if digest is not None else None
-        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows) as editor:
+        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows,
+                         gate=fitted if hp.harm_gate_train else None) as editor:
             timings["reference"] = editor.reference_seconds  # inside "edit" until now; split out below
             if rows is not None:
                 log.info("reference pass: %(reused)d sequence(s) reused, %(computed)d computed", editor.row_stats)
