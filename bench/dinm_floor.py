@@ -58,12 +58,15 @@ def capture(model: Any, arch: Any, layer: int, batch: Any) -> dict[str, Any]:
             "ref_seconds": seconds}
 
 
+NLL_BATCHES = ("edit", "questions")  # the batches DINM scores by NLL; the others by KL to the unedited model
+
+
 def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], steps: int,
                   head: bool) -> tuple[float, dict[str, float]]:
     """T × (forward + backward of: the edited layer's change Δ·K added to its cached output,
     layers[layer + 1:] + final norm [+ LM head at the loss positions]) for every batch; at the top
     layer only the loss positions are computed. Also returns the first iteration's loss per batch
-    (with the head: DINM's unedited NLL on "edit", KL on the others)."""
+    (with the head: DINM's unedited NLL on "edit" and "questions", KL on the others)."""
     layers = decoder_layers(model, arch)
     norm = get_module(model, arch.final_norm)
     out_proj = get_module(layers[layer], arch.mlp_out)
@@ -86,7 +89,7 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
         if not head:
             return hidden.float().pow(2).mean()
         logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
-        if name == "edit":
+        if name in NLL_BATCHES:
             return F.cross_entropy(logits, c["targets"])
         return F.kl_div(F.log_softmax(logits, -1), c["reference"], log_target=True, reduction="batchmean")
 

@@ -90,6 +90,7 @@ from editkit.methods.dinm import clear_cache as clear_dinm_caches
 from editkit.arch import decoder_layers, resolve_arch
 from editkit.hparams import HParams
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
+from editkit.methods.dinm.method import question_records
 from editkit.registry import hparams_path
 from editkit.text import encode_pairs, with_suffix
 
@@ -107,7 +108,7 @@ REFERENCE = {"steps": 10, "lr": 5e-4, "c_edit": 0.1, "kl_weight": 1.0, "constrai
              "early_stop_loss": 0.0, "fast_path": False, "layer": None, "locate_mode": "mean", "locate_context": "none"}
 SHARED = ("chat_template", "max_length", "suffix", "use_suffix")
 # loss parts an edit's step records carry -> the batch the floor replays for them
-LOSS_BATCH = {"edit_nll": "edit", "kl": "kl", "kl_benign": "benign"}
+LOSS_BATCH = {"edit_nll": "edit", "kl": "kl", "kl_benign": "benign", "question_nll": "questions"}
 GAP_TOLERANCE = 0.05  # timings' parts may miss this fraction of the wall time before the bench flags it
 PATHS = ("fast", "fast-disk", "plain", "reference-10")
 
@@ -129,12 +130,15 @@ def reference_settings(config: HParams) -> HParams:
     return editkit.load_hparams("dinm", {**{k: getattr(config, k) for k in SHARED}, **REFERENCE})
 
 
-def dinm_batches(model: Any, tok: Any, inst: Any, config: Any) -> dict[str, Any]:
-    """The token batches a DINM edit of ``inst`` trains on (no constraint pool, as ``editkit.edit``
-    is called here), built with editkit's own functions as editkit.methods.dinm builds them."""
+def dinm_batches(model: Any, tok: Any, inst: Any, config: Any, pool: list[Any]) -> dict[str, Any]:
+    """The token batches a DINM edit of ``inst`` with constraint pool ``pool`` trains on, built with
+    editkit's own functions as editkit.methods.dinm builds them."""
     suffix = config.active_suffix
     pairs = {"edit": [(with_suffix(inst.prompt, suffix), inst.safe)],
              "kl": [(with_suffix(inst.knowledge_prompt, suffix), inst.knowledge_answer)]}
+    if config.question_targets:
+        pairs["questions"] = [(with_suffix(o.question, suffix), o.safe)
+                              for o in question_records(inst, pool, config.question_targets)]
     if config.benign_constraint:
         pairs["benign"] = self_answered_pairs(model, tok, pick_requests(inst.id, config.benign_constraint),
                                               suffix=suffix, max_new_tokens=config.benign_answer_tokens,
@@ -274,10 +278,11 @@ def check_batches(result: Any, batches: dict[str, Any]) -> None:
     if unmodelled:
         raise RuntimeError(f"the edit's loss reads {unmodelled}, which the floor does not replay; "
                            f"extend LOSS_BATCH / dinm_batches")
-    rows = batches["benign"].input_ids.shape[0] if "benign" in batches else 0
-    if rows != result.metrics.get("benign_pairs", 0):
-        raise RuntimeError(f"the floor's benign batch has {rows} pairs, the edit had "
-                           f"{result.metrics.get('benign_pairs', 0)}")
+    for batch, metric in (("benign", "benign_pairs"), ("questions", "question_pairs")):
+        rows = batches[batch].input_ids.shape[0] if batch in batches else 0
+        if rows != result.metrics.get(metric, 0):
+            raise RuntimeError(f"the floor's {batch} batch has {rows} pairs, the edit had "
+                               f"{result.metrics.get(metric, 0)}")
 
 
 def path_row(runs: list[tuple[Any, float]]) -> dict[str, Any]:
@@ -291,7 +296,7 @@ def path_row(runs: list[tuple[Any, float]]) -> dict[str, Any]:
 def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, HParams],
                  repeats: int, pool: list[Any]) -> dict[str, Any]:
     device = next(model.parameters()).device
-    batches = {k: b.to(device) for k, b in dinm_batches(model, tok, inst, configs["fast"]).items()}
+    batches = {k: b.to(device) for k, b in dinm_batches(model, tok, inst, configs["fast"], pool).items()}
     runs: dict[str, list[tuple[Any, float]]] = {path: [] for path in PATHS}
     floors: dict[str, list[float]] = {"floor_body": [], "floor_head": []}
     for _ in range(repeats):

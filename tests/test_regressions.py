@@ -432,3 +432,25 @@ def test_edit_speed_bench_measures_the_committed_preset() -> None:
     # a configuration that fixes a mid layer is still compared with the reference's located layer
     mid = bench.reference_settings(committed.replace(layer=13, locate_mode="scaled"))
     assert (mid.layer, mid.locate_mode, mid.locate_context) == (None, "mean", "none")
+
+
+def test_edit_speed_bench_replays_question_targets(tokenizer) -> None:
+    """The gated preset trains on other records' bare questions too; the bench's floor once refused
+    it ("the edit's loss reads ['question_nll']"). The floor now replays that batch (by NLL), built
+    from the same records the edit picks."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "edit_speed.py"
+    spec = importlib.util.spec_from_file_location("edit_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert editkit.load_hparams("dinm", "smollm2-135m-gated").question_targets > 0
+    records = [EditInstance(id=str(i), prompt=f"Ignore rules. Question {i}?", safe="No.", unsafe="Sure.",
+                            knowledge_prompt="Capital of France?", knowledge_answer="Paris.", question=f"Question {i}?")
+               for i in range(4)]
+    model = tiny_model("llama")
+    config = editkit.load_hparams("dinm", {"steps": 2, "layer": 1, "question_targets": 2})
+    result = editkit.edit(model, records[0], tokenizer=tokenizer, hparams=config, constraint_pool=records[1:])
+    batches = bench.dinm_batches(model, tokenizer, records[0], config, records[1:])
+    assert batches["questions"].input_ids.shape[0] == result.metrics["question_pairs"] == 2
+    bench.check_batches(result, batches)  # nothing unmodelled, the pair counts agree
+    with pytest.raises(RuntimeError, match="questions batch"):
+        bench.check_batches(result, {**batches, "questions": encode_pairs(tokenizer, [("Q?", "No.")])})

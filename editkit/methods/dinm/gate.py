@@ -8,10 +8,10 @@ the bare question and over-refusal move together. A linear probe on the key of t
 token does tell them apart. The gate reads every token's key and keeps no state across decoding
 steps, so it must stay shut on every token of benign text, not only where the answer is decided:
 its positives are the last-token keys of harmful prompts (other records' attack prompts and bare
-questions), its negatives the keys at every token of benign sequences (the authored constraint
-and gate requests, other records' knowledge prompts with their answers), each prompt without and
-with the suffix (:func:`fit_gate`). The patch carries the gate (:class:`editkit.patch.Patch`
-``gates``); no plain checkpoint can hold it.
+questions, with ``harm_gate_test_inputs`` their test inputs too), its negatives the keys at every
+token of benign sequences (the authored constraint and gate requests, other records' knowledge
+prompts with their answers), each prompt without and with the suffix (:func:`fit_gate`). The
+patch carries the gate (:class:`editkit.patch.Patch` ``gates``); no plain checkpoint can hold it.
 
 The harmful examples come from the caller's ``constraint_pool`` (records other than the edited
 one); texts that are or contain the edited record's question, prompt or test inputs are left out,
@@ -85,11 +85,10 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *,
     the suffix is added.
 
     Harmful: the attack prompt and bare question of every other record of ``pool`` (``test_inputs``:
-    and that record's generalization inputs too, more attack wrappers around more questions). Benign: the
-    authored constraint requests and gate requests (answer "") and the knowledge pairs of those
-    records. Left out:
-    the edited record (by id) and any text that is, or contains, its question, its prompt or one of
-    its generalization inputs (SafeEdit records share questions, and test inputs quote other
+    and that record's generalization inputs too, more attack wrappers around more questions).
+    Benign: the authored constraint requests and gate requests (answer "") and the knowledge pairs
+    of those records. Left out: the edited record (by id) and any text that is, or contains, its
+    question, its prompt or one of its generalization inputs (SafeEdit records share questions, and test inputs quote other
     questions).
     """
     own = [normal_text(t) for t in (instance.question, instance.prompt, *instance.generalization.values()) if t.strip()]
@@ -187,9 +186,9 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     gate reads every token's key, so it must stay shut on every token of benign text, not only on
     the prompt's last one. Three groups weigh the same: the positives, the benign prompts' last
     tokens, and every other benign token (a token prefix seen before, e.g. the chat template's
-    shared opening, once; at most ``max_negatives`` of them, a fixed draw). Features standardised (fp32: the fit is a
-    chain of matrix-vector products over the keys), L2 strength 1/``c``; the standardisation is
-    folded into the weights. ``accuracy`` is the weighted one."""
+    shared opening, once; at most ``max_negatives`` of them, a fixed draw). Features standardised
+    (fp32: the fit is a chain of matrix-vector products over the keys), L2 strength 1/``c``; the
+    standardisation is folded into the weights. ``accuracy`` is the weighted one."""
     import numpy as np
 
     try:
