@@ -90,7 +90,7 @@ from editkit.methods.dinm import clear_cache as clear_dinm_caches
 from editkit.arch import decoder_layers, resolve_arch
 from editkit.hparams import HParams
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
-from editkit.methods.dinm.method import question_records
+from editkit.methods.dinm.method import question_pairs
 from editkit.registry import hparams_path
 from editkit.text import encode_pairs, with_suffix
 
@@ -137,8 +137,7 @@ def dinm_batches(model: Any, tok: Any, inst: Any, config: Any, pool: list[Any]) 
     pairs = {"edit": [(with_suffix(inst.prompt, suffix), inst.safe)],
              "kl": [(with_suffix(inst.knowledge_prompt, suffix), inst.knowledge_answer)]}
     if config.question_targets:
-        pairs["questions"] = [(with_suffix(o.question, suffix), o.safe)
-                              for o in question_records(inst, pool, config.question_targets)]
+        pairs["questions"] = question_pairs(inst, pool, config.question_targets, suffix)
     if config.benign_constraint:
         pairs["benign"] = self_answered_pairs(model, tok, pick_requests(inst.id, config.benign_constraint),
                                               suffix=suffix, max_new_tokens=config.benign_answer_tokens,

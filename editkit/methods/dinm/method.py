@@ -72,6 +72,12 @@ def question_records(instance: EditInstance, pool: Sequence[EditInstance], k: in
     return chosen
 
 
+def question_pairs(instance: EditInstance, pool: Sequence[EditInstance], k: int,
+                   suffix: str | None) -> list[tuple[str, str]]:
+    """The (bare question ⊕ suffix, safe response) targets of :func:`question_records`."""
+    return [(with_suffix(o.question, suffix), o.safe) for o in question_records(instance, pool, k)]
+
+
 class DINM(EditingMethod):
     name = "dinm"
     scope = "instance"
@@ -130,14 +136,14 @@ class DINM(EditingMethod):
             pairs["benign"] = list(benign_pairs)
         extra: dict[str, Any] = {}  # metrics known before training
         if hp.question_targets:
-            chosen = question_records(instance, constraint_pool, hp.question_targets)
+            chosen = question_pairs(instance, constraint_pool, hp.question_targets, suffix)
             if len(chosen) < hp.question_targets:
                 log.warning("hparams ask for %d question targets but constraint_pool offers %d usable records "
                             "(with a question, other than the edited record and its test inputs)",
                             hp.question_targets, len(chosen))
             extra["question_pairs"] = len(chosen)
             if chosen:
-                pairs["questions"] = [(with_suffix(o.question, suffix), o.safe) for o in chosen]
+                pairs["questions"] = chosen
         if hp.own_question_target:
             if instance.question.strip():
                 log.warning("own_question_target: instance %s trains on its own bare question, which on SafeEdit "
