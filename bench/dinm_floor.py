@@ -4,6 +4,8 @@ cached output, the layers above, the final norm and (optionally) the LM head at 
 forward and backward into Δ."""
 from __future__ import annotations
 
+import contextlib
+
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -62,11 +64,14 @@ NLL_BATCHES = ("edit", "questions")  # the batches DINM scores by NLL; the other
 
 
 def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], steps: int,
-                  head: bool) -> tuple[float, dict[str, float]]:
+                  head: bool, autocast: torch.dtype | None = None) -> tuple[float, dict[str, float]]:
     """T × (forward + backward of: the edited layer's change Δ·K added to its cached output,
     layers[layer + 1:] + final norm [+ LM head at the loss positions]) for every batch; at the top
     layer only the loss positions are computed. Also returns the first iteration's loss per batch
-    (with the head: DINM's unedited NLL on "edit" and "questions", KL on the others)."""
+    (with the head: DINM's unedited NLL on "edit" and "questions", KL on the others). ``autocast``:
+    the layers and the norm run under autocast to that dtype (as the edit's steps with
+    ``step_dtype``), Δ·K and the head in fp32."""
+    amp = (lambda: torch.autocast(delta.device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
     layers = decoder_layers(model, arch)
     norm = get_module(model, arch.final_norm)
     out_proj = get_module(layers[layer], arch.mlp_out)
@@ -77,15 +82,18 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
         if top:
             where = c["positions"]
             change = linear_delta(c["keys"][where], delta, arch.mlp_out_transposed)
-            hidden = norm(c["output"][where] + change.to(c["output"].dtype))  # [n_targets, d_model]
+            with amp():
+                hidden = norm(c["output"][where] + change.to(c["output"].dtype))  # [n_targets, d_model]
         else:
             change = linear_delta(c["keys"], delta, arch.mlp_out_transposed)
             hidden = c["output"] + change.to(c["output"].dtype)  # [batch, seq, d_model]
-            for i in range(layer + 1, len(layers)):
-                args, kwargs = c["calls"][i]
-                hidden = layers[i](hidden, *args[1:], **kwargs)
-                hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-            hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
+            with amp():
+                for i in range(layer + 1, len(layers)):
+                    args, kwargs = c["calls"][i]
+                    hidden = layers[i](hidden, *args[1:], **kwargs)
+                    hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+                hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
+        hidden = hidden.to(lm_head(model, arch).weight.dtype)
         if not head:
             return hidden.float().pow(2).mean()
         logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]

@@ -309,8 +309,9 @@ def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, 
         check_batches(fast, batches)
         layer, steps = fast.layer, fast.metrics["steps_run"]
         captured = {name: capture(model, arch, layer, b) for name, b in batches.items()}
-        floors["floor_body"].append(floor_seconds(model, arch, layer, captured, steps, head=False)[0])
-        seconds, first = floor_seconds(model, arch, layer, captured, steps, head=True)
+        amp = configs["fast"].autocast_dtype  # the floor runs in the steps' precision
+        floors["floor_body"].append(floor_seconds(model, arch, layer, captured, steps, head=False, autocast=amp)[0])
+        seconds, first = floor_seconds(model, arch, layer, captured, steps, head=True, autocast=amp)
         floors["floor_head"].append(seconds)
         # the replayed layers compute what the model computes: same unedited NLL, KL (= 0) on the rest
         replay_diff = max(abs(first[LOSS_BATCH[k]] - v) for k, v in fast.losses[0].items() if k in LOSS_BATCH)

@@ -34,6 +34,8 @@ other rows, with other padding, equals the padded batch's up to float noise.
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from collections.abc import Callable, Hashable, Mapping
 from contextlib import ExitStack
@@ -132,6 +134,9 @@ class DeltaEditor:
     ``gate``: keys [..., d_in] → weights [...]; the steps then see g(k)·Δ·k at each position, the
     change a gated patch makes at inference (keys are the unedited model's, so on the fast path the
     weights are computed once, from the unprojected keys).
+    ``autocast``: a dtype (bfloat16) the steps' layers run in under ``torch.autocast``; the reference
+    pass, the delta and its change Δ·k stay float32, and on the fast path so does the LM head (the
+    plain path runs the whole model under autocast).
     """
 
     def __init__(
@@ -145,8 +150,10 @@ class DeltaEditor:
         projector: torch.Tensor | None = None,
         rows: RowStore | None = None,
         gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.autocast = autocast
         self.gate = gate
         self.arch = arch
         self.layer = layer
@@ -186,9 +193,10 @@ class DeltaEditor:
     # -- hooks -----------------------------------------------------------------------------------
     def _add_delta(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0].float()  # [batch, seq, d_in] input of the projection
-        change = linear_delta(x, self.effective_delta(), self.arch.mlp_out_transposed)
-        if self.gate is not None:
-            change = change * self.gate(x).unsqueeze(-1)
+        with torch.autocast(self.device.type, enabled=False):  # Δ·k in fp32 under any autocast
+            change = linear_delta(x, self.effective_delta(), self.arch.mlp_out_transposed)
+            if self.gate is not None:
+                change = change * self.gate(x).unsqueeze(-1)
         return output + change.to(output.dtype)
 
     def _feed_cache(self, args: tuple, kwargs: dict, module: nn.Module) -> tuple[tuple, dict]:
@@ -197,7 +205,8 @@ class DeltaEditor:
     def _replayed_output(self) -> torch.Tensor:
         """The edited layer's output for the current batch under the current delta: O + Δ·K."""
         cached = self._cache[self._current]
-        change = linear_delta(cached["keys"], self.delta, self.arch.mlp_out_transposed)
+        with torch.autocast(self.device.type, enabled=False):  # Δ·K in fp32 under any autocast
+            change = linear_delta(cached["keys"], self.delta, self.arch.mlp_out_transposed)
         if "gate" in cached:
             change = change * cached["gate"]
         return cached["output"] + change.to(cached["output"].dtype)
@@ -357,18 +366,29 @@ class DeltaEditor:
         self._current = name
         try:
             if self.replay and self.top:  # the top layer's output at the predicting positions -> norm -> head
-                return self._head(get_module(self.model, self.arch.final_norm)(self._replayed_output()))
+                with self._autocast():
+                    hidden = get_module(self.model, self.arch.final_norm)(self._replayed_output())
+                return self._head(hidden)
             return self._forward(self.batches[name])
         finally:
             self._current = None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The steps' autocast; passes without gradient (the reference, the final metrics) run exact."""
+        if self.autocast is None or not torch.is_grad_enabled():
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _forward(self, batch: TokenBatch) -> torch.Tensor:
         """[n_targets, vocab] fp32 logits at the predicting positions. Where the fast path is exact,
         the LM head runs at those positions only (most tokens of a batch are prompt)."""
         if not self.fast_path:
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            with self._autocast():
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             return out.logits[batch.predicting_positions()].float()
-        return self._head(self._final_hidden(batch))
+        with self._autocast():
+            hidden = self._final_hidden(batch)
+        return self._head(hidden)
 
     def _final_hidden(self, batch: TokenBatch) -> torch.Tensor:
         """[n_targets, d_model] the base model's last hidden state at the predicting positions."""
@@ -378,5 +398,11 @@ class DeltaEditor:
         return hidden[batch.predicting_positions()]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, vocab] fp32 logits from final hidden states [n, d_model] (fast path: exact there)."""
-        return lm_head(self.model, self.arch)(hidden).float()
+        """[n, vocab] fp32 logits from final hidden states [n, d_model] (fast path: exact there), never
+        under autocast (bf16 logits would put their rounding into the KL term)."""
+        head = lm_head(self.model, self.arch)
+        weight = getattr(head, "weight", None)
+        if self.autocast is not None and weight is not None:
+            hidden = hidden.to(weight.dtype)
+        with torch.autocast(self.device.type, enabled=False):
+            return head(hidden).float()

@@ -40,6 +40,19 @@ def prompt_ids(tokenizer: Any, user: str, chat_template: ChatMode = "auto") -> l
     return _ids(tokenizer(user if chat_template == "raw" else user + "\n", add_special_tokens=True))
 
 
+def prompts_ids(tokenizer: Any, users: Sequence[str], chat_template: ChatMode = "auto") -> list[list[int]]:
+    """:func:`prompt_ids` of many prompts, tokenized in one call (the same ids: the chat template
+    renders each prompt to text, which is then tokenized without added special tokens)."""
+    if not users:
+        return []
+    if uses_chat(tokenizer, chat_template):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": u}], add_generation_prompt=True,
+                                               tokenize=False) for u in users]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    texts = [u if chat_template == "raw" else u + "\n" for u in users]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
 def target_ids(tokenizer: Any, target: str, chat_template: ChatMode = "auto", append_eos: bool = True) -> list[int]:
     """Token ids of an answer; in chat mode it ends with the end-of-turn token so the model learns to stop."""
     ids = _ids(tokenizer(target, add_special_tokens=False))

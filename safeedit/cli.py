@@ -44,6 +44,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="the SafeEdit file the run used (default: the shared dev records)")
     p.set_defaults(func=run_rejudge)
 
+    p = sub.add_parser("reask-benign", help="ask a finished vanilla run the benign requests again, from the current "
+                       "set (after requests were added), and rewrite its over-refusal")
+    p.add_argument("run")
+    p.add_argument("--model", default="default", help="the model the run used")
+    p.add_argument("--device", default=None)
+    p.add_argument("--data", default=None, help="the SafeEdit file the run used (default: the shared dev records)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=run_reask_benign)
+
     p = sub.add_parser("report", help="one table and plots over finished run folders")
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", required=True)
@@ -115,6 +124,24 @@ def run_rejudge(args: argparse.Namespace) -> int:
 
     data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
     summary = rejudge(args.run, load_judge(args.judge), load_safeedit(data).instances, judge_spec=args.judge)
+    print((Path(args.run) / "table.md").read_text())
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_reask_benign(args: argparse.Namespace) -> int:
+    import editkit
+    from safeedit.dataset import load_safeedit, shared_data_dir
+    from safeedit.runner import reask_benign
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    instances = load_safeedit(data).instances
+    model, tok = editkit.load_model(args.model, device=args.device)
+    summary = reask_benign(args.run, model, tok, instances)
     print((Path(args.run) / "table.md").read_text())
     print(json.dumps(summary, indent=2))
     return 0

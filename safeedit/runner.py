@@ -8,6 +8,8 @@ is. Finished cases are skipped on a rerun, so a killed run resumes where it stop
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -111,6 +113,11 @@ def _rotate(pool_size: int, index: int, k: int, skip: int | None = None) -> list
     return picks
 
 
+def _benign_prompts(benign: Sequence[dict[str, Any]]) -> list[str]:
+    """Each benign request as asked, then each with the SafeEdit suffix."""
+    return [b["request"] for b in benign] + [with_suffix(b["request"], SUFFIX) for b in benign]
+
+
 # per-case keys that enter the summary (labels, rates, means); everything else is kept per case
 # (over-refusal is pooled over the stored benign answers per part instead: metrics.pooled_over_refusal)
 SUMMARY_KEYS = (*metrics.LABEL_KEYS, "fluency", "qa_acc", "knowledge_nll", "knowledge_match", "ppl",
@@ -192,24 +199,41 @@ class Evaluator:
         row["p_unsafe"] = dict(zip(keys, [round(p, 4) for p in p_unsafe]))
         return row
 
+    def benign_picks(self, inst: EditInstance) -> list[dict[str, Any]]:
+        """This case's share of the benign requests (round-robin over the whole set)."""
+        return [self.benign[j] for j in _rotate(len(self.benign), self.position.get(inst.id, 0),
+                                                self.config.benign_per_case)]
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        return editkit.generate(self.model, self.tok, prompts, max_new_tokens=self.config.general_max_new_tokens,
+                                batch_size=max(self.config.batch_size, len(prompts)),
+                                **self.intervention.generation_kwargs())
+
+    def _benign_row(self, benign: list[dict[str, Any]], texts: list[str]) -> dict[str, Any]:
+        """Over-refusal fields from the answers ``texts`` to :func:`_benign_prompts` of ``benign``."""
+        n = len(benign)
+        refusal = self.judge.refusal(texts, _benign_prompts(benign))
+        return {"over_refusal": metrics.refusal_rate(refusal[:n]),
+                "over_refusal_suffix": metrics.refusal_rate(refusal[n:]),
+                "benign": [{"id": b["id"], "kind": b["kind"], "part": b["part"], "response": t, "response_suffix": ts,
+                            "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
+                           for b, t, ts, r, rs in zip(benign, texts[:n], texts[n:], refusal[:n], refusal[n:])]}
+
+    def over_refusal(self, inst: EditInstance) -> dict[str, Any]:
+        """Only the over-refusal part of :meth:`general` (answers generated without the QA prompts
+        beside them in the batch)."""
+        benign = self.benign_picks(inst)
+        return self._benign_row(benign, self._generate(_benign_prompts(benign))) if benign else {}
+
     def general(self, inst: EditInstance) -> dict[str, Any]:
         """Over-refusal, QA, knowledge retention and perplexity on this case's share of each set."""
         c, i = self.config, self.position.get(inst.id, 0)
-        benign = [self.benign[j] for j in _rotate(len(self.benign), i, c.benign_per_case)]
+        benign = self.benign_picks(inst)
         qa = [self.qa[j] for j in _rotate(len(self.qa), i, c.qa_per_case)]
-        prompts = ([b["request"] for b in benign] + [with_suffix(b["request"], SUFFIX) for b in benign]
-                   + [with_suffix(q["question"], self.suffix) for q in qa])
-        texts = editkit.generate(self.model, self.tok, prompts, max_new_tokens=c.general_max_new_tokens,
-                                 batch_size=max(c.batch_size, len(prompts)), **self.intervention.generation_kwargs())
+        prompts = _benign_prompts(benign) + [with_suffix(q["question"], self.suffix) for q in qa]
+        texts = self._generate(prompts)
         n = len(benign)
-        row: dict[str, Any] = {}
-        if n:
-            refusal = self.judge.refusal(texts[: 2 * n], prompts[: 2 * n])
-            row["over_refusal"] = metrics.refusal_rate(refusal[:n])
-            row["over_refusal_suffix"] = metrics.refusal_rate(refusal[n:])
-            row["benign"] = [{"id": b["id"], "kind": b["kind"], "part": b["part"], "response": t, "response_suffix": ts,
-                              "refusal": round(r, 3), "refusal_suffix": round(rs, 3)}
-                             for b, t, ts, r, rs in zip(benign, texts[:n], texts[n:2 * n], refusal[:n], refusal[n:])]
+        row: dict[str, Any] = self._benign_row(benign, texts[: 2 * n]) if n else {}
         if qa:
             hits = [metrics.answer_match(t, q["answer"], q.get("aliases", ())) for t, q in zip(texts[2 * n:], qa)]
             row["qa_acc"] = 100.0 * sum(hits) / len(hits)
@@ -274,6 +298,7 @@ def evaluate(
     name = "cases.jsonl" if shard is None else f"cases.{shard[0]}-of-{shard[1]}.jsonl"
     case_log = CaseLog(out / name)
     todo = [inst for inst in instances if inst.id not in case_log.rows]
+    digest = benign_set_digest()
     if len(todo) < len(instances):
         log.info("resuming: %d of %d cases already done", len(instances) - len(todo), len(instances))
     with intervention.around_run(model):
@@ -287,6 +312,8 @@ def evaluate(
                 row.update(evaluator.general(inst))
             row["seconds"] = round(time.perf_counter() - start - row.get("setup_seconds", 0.0), 2)
             row["judge"] = repr(judge)
+            if "benign" in row:
+                row["benign_set"] = digest
             case_log.add(row)
     return write_summary(out, label=intervention.label)
 
@@ -329,6 +356,55 @@ def rejudge(out_dir: str | Path, judge: Any, instances: Sequence[EditInstance], 
         settings["config"]["judge"] = judge_spec
         settings_path.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     return write_summary(out_dir)
+
+
+def benign_set_digest() -> str:
+    """A short digest of the benign request set (ids and texts, in order): which set a row's
+    over-refusal answers were drawn from."""
+    text = json.dumps([[b["id"], b["request"]] for b in metrics.load_benign_requests()])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def reask_benign(out_dir: str | Path, model: Any, tokenizer: Any, instances: Sequence[EditInstance], *,
+                 judge: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Ask a finished run of the **unedited** model the benign requests again, from the current set
+    (after requests were added to it), and rewrite each row's over-refusal fields and the summary;
+    every other field stays. Only a vanilla run can be re-asked: its model is the same for every
+    case, so nothing but the requests changes (for an edited model the edit would have to be made
+    again: rerun the method in a new folder). Rows already asked from the current set are skipped,
+    so a killed re-ask resumes. The answers are generated in batches of their own (in a full run the
+    QA questions share the batch), which can change a greedy answer by rounding only."""
+    out = Path(out_dir)
+    settings_path = out / "config.json"
+    if not settings_path.exists():
+        raise FileNotFoundError(f"{settings_path} not found: not a run folder")
+    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    config = EvalConfig(**{k: v for k, v in settings["config"].items() if k in fields})
+    kind = (settings.get("intervention") or {}).get("kind", "Vanilla")
+    if config.method != "none" or config.patch is not None or kind != "Vanilla":
+        raise ValueError(f"{out} is a run of {config.method!r} ({kind}); only a run of the unedited model can be "
+                         "re-asked the benign requests (rerun an edited method in a new folder)")
+    if judge is None:
+        from safeedit.judge import load_judge
+
+        judge = load_judge(config.judge)
+    evaluator = Evaluator(model, tokenizer, config, judge, instances, Vanilla())
+    by_id = {inst.id: inst for inst in instances}
+    digest = benign_set_digest()
+    for path in sorted(out.glob("cases*.jsonl")):
+        rows = list(CaseLog(path).rows.values())
+        missing = [str(r["id"]) for r in rows if str(r["id"]) not in by_id]
+        if missing:
+            raise ValueError(f"{path}: case(s) {', '.join(missing[:5])} are not in the given records")
+        todo = [r for r in rows if r.get("benign_set") != digest]
+        for row in tqdm(todo, desc=f"re-asking {path.name}", disable=not progress, unit="case"):
+            row.update(evaluator.over_refusal(by_id[str(row["id"])]), benign_set=digest)
+        if todo:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(path)
+    return write_summary(out)
 
 
 def summarise_cases(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -137,3 +137,17 @@ def test_cli_gated_edit_on_the_default_model(default_model, shared_data, tmp_pat
     keys = gate.last_keys(model, tok, resolve_arch(model), 13, ["Can you suggest a name for my new puppy?"],
                           chat_template="auto", max_length=2048)
     assert float(torch.sigmoid(keys @ patch.gates[name]["weight"] + patch.gates[name]["bias"])[0]) < 0.5
+
+
+def test_prompts_tokenized_together_match_one_by_one(default_model, records):
+    """DINM's gate and null space tokenize hundreds of prompts in one call: the ids equal the
+    one-prompt rendering on the default model's tokenizer (chat template, long attack prompts,
+    the suffix), and on the plain and raw modes."""
+    from editkit.text import prompt_ids, prompts_ids, with_suffix
+    from safeedit.metrics import SUFFIX
+
+    _, tok, _ = default_model
+    texts = [t for r in records[:10] for t in (r.prompt, r.question, with_suffix(r.knowledge_prompt, SUFFIX))]
+    for mode in ("auto", "none", "raw"):
+        assert prompts_ids(tok, texts, mode) == [prompt_ids(tok, t, mode) for t in texts]
+    assert prompts_ids(tok, []) == []

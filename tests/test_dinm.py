@@ -200,6 +200,31 @@ def test_fast_path_equals_plain_path(tiny_lm, tokenizer, instance, layer: int) -
         assert fast.metrics[key] == pytest.approx(value, abs=1e-5)
 
 
+@pytest.mark.parametrize("layer", [1, -1], ids=["middle", "top"])
+def test_bfloat16_steps_follow_the_float32_edit(tiny_lm, tokenizer, instance, layer: int) -> None:
+    """step_dtype bfloat16: the layers above the edited one run under bf16 autocast during the
+    steps, while the unedited reference, the delta and the LM head stay fp32: the before-metrics are
+    the fp32 edit's exactly, the step losses and the delta follow the fp32 ones to bf16 rounding, on
+    the fast and the plain path; the model's weights stay fp32 and untouched."""
+    before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
+    exact = run(tiny_lm, instance, tokenizer, layer=layer)
+    for fast_path in (True, False):
+        bf16 = run(tiny_lm, instance, tokenizer, layer=layer, hp={"step_dtype": "bfloat16", "fast_path": fast_path})
+        for key in ("edit_nll_before", "knowledge_nll_before"):  # the plain path's reference is its own forward
+            assert bf16.metrics[key] == pytest.approx(exact.metrics[key], abs=1e-6 if fast_path else 1e-4)
+        assert bf16.losses[-1]["edit_nll"] < bf16.losses[0]["edit_nll"]
+        for b, e in zip(bf16.losses, exact.losses):
+            assert b["edit_nll"] == pytest.approx(e["edit_nll"], rel=0.05, abs=0.02)
+        (name, d_bf16), (_, d_exact) = only_delta(bf16), only_delta(exact)
+        assert d_bf16.dtype == torch.float32
+        assert float((d_bf16 - d_exact).norm() / d_exact.norm()) < 0.1
+    if layer == 1:  # below the top the steps really ran in bf16: the result differs from fp32's
+        assert not torch.equal(d_bf16, d_exact)
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in tiny_lm.state_dict().items())
+    with pytest.raises(ValueError, match="step_dtype"):
+        editkit.load_hparams("dinm", {"step_dtype": "float16"})
+
+
 def test_fast_path_skips_the_lower_layers(tiny_lm, tokenizer, instance) -> None:
     """The fast path really is taken: editing the top layer runs layer 0 only in the reference
     passes (one per batch), where the plain path runs it at every step."""

@@ -345,5 +345,6 @@ def test_benign_token_keys_are_kept_once_per_prefix() -> None:
     sequences = [[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5], [7, 2, 3]]
     ends = [3, 2, 3, 2]
     assert gate._new_positions(sequences, ends) == [[0, 1, 2], [3, 4], [4], [0, 1]]
-    ids, end = gate._sequence(editkit.models.tiny_tokenizer(), "Hello there", "Hi!", chat_template="auto", max_length=5)
+    (ids,), (end,) = gate._sequences(editkit.models.tiny_tokenizer(), [("Hello there", "Hi!")], chat_template="auto",
+                                     max_length=5)
     assert len(ids) == 5 and 0 <= end < 5

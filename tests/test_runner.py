@@ -158,3 +158,47 @@ def test_resume_with_other_method_settings_is_refused(tokenizer, cases, tmp_path
     run(1)  # same settings: resumes (nothing to do)
     with pytest.raises(ValueError, match="other settings"):
         run(2)
+
+
+def test_reask_benign_rewrites_only_over_refusal_of_a_vanilla_run(tokenizer, cases, tmp_path, monkeypatch):
+    """After requests are added to the benign set, a vanilla run is asked again from the new set:
+    the rows' benign answers follow the new rotation, every other field is kept, a second re-ask
+    has nothing to do, and an edited run is refused."""
+    from safeedit.runner import benign_set_digest, reask_benign
+
+    model = tiny_model("llama")
+    config = EvalConfig(**FAST)
+    evaluate(model, tokenizer, cases[:3], tmp_path, config, judge=KeywordJudge(), progress=False)
+    before = {r["id"]: r for r in read_cases(tmp_path)}
+    assert all(r["benign_set"] == benign_set_digest() for r in before.values())
+
+    original = metrics.load_benign_requests()
+    added = [{**original[0], "id": f"br-new-{i}", "request": f"How do I fold a paper boat, version {i}?",
+              "part": "reporting", "intent": f"new-intent-{i}"} for i in range(5)]
+    grown = added + original  # the new ones first: every case's share of the set moves
+    monkeypatch.setattr(metrics, "load_benign_requests",
+                        lambda part=None: [b for b in grown if part is None or b["part"] == part])
+    assert benign_set_digest() != next(iter(before.values()))["benign_set"]
+
+    calls = []
+    judge = KeywordJudge()
+    real = judge.refusal
+    judge.refusal = lambda texts, prompts=None: calls.append(len(texts)) or real(texts, prompts)
+    reask_benign(tmp_path, model, tokenizer, cases, judge=judge, progress=False)
+    after = {r["id"]: r for r in read_cases(tmp_path)}
+    assert set(after) == set(before) and len(calls) == 3
+    ids_by_case = [[b["id"] for b in after[c.id]["benign"]] for c in cases[:3]]
+    assert ids_by_case[0] == [b["id"] for b in grown[:config.benign_per_case]]
+    assert any(i.startswith("br-new-") for ids in ids_by_case for i in ids)
+    for case_id, row in after.items():
+        assert row["benign_set"] == benign_set_digest()
+        for key in ("DS", "responses", "qa", "ppl", "seconds"):
+            assert row[key] == before[case_id][key]
+    reask_benign(tmp_path, model, tokenizer, cases, judge=judge, progress=False)
+    assert len(calls) == 3  # nothing left to ask
+
+    edited = tmp_path / "edited"
+    evaluate(model, tokenizer, cases[:1], edited, EvalConfig(**FAST, method="dinm", hparams={"steps": 1}),
+             judge=KeywordJudge(), progress=False)
+    with pytest.raises(ValueError, match="only a run of the unedited model"):
+        reask_benign(edited, model, tokenizer, cases, judge=judge, progress=False)

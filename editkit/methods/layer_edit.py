@@ -43,6 +43,10 @@ class LayerEditConfig(HParams):
                                                              "(divided by the states' norm), reference; see editkit.localization")
     locate_context: Literal["none", "prompt"] = hp("none", "run the responses alone or after the attack prompt")
     fast_path: bool = hp(True, "cache the state entering the edited layer; run only the layers above it")
+    step_dtype: Literal["float32", "bfloat16"] = hp(
+        "float32", "the steps' forward and backward through the layers above the edited one: float32, or under "
+        "bfloat16 autocast (faster where the hardware has bf16 matrix units; the delta, the optimiser, the LM head "
+        "on the fast path and the unedited reference stay float32)")
 
     def __post_init__(self) -> None:
         self._check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -53,6 +57,13 @@ class LayerEditConfig(HParams):
         self._check(self.max_delta_ratio is None or self.max_delta_ratio > 0,
                     f"max_delta_ratio must be > 0 or null, got {self.max_delta_ratio}")
         self._check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+        self._check(self.step_dtype in ("float32", "bfloat16"),
+                    f"step_dtype must be float32 or bfloat16, got {self.step_dtype!r}")
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype the editor's steps autocast to (None: no autocast)."""
+        return torch.bfloat16 if self.step_dtype == "bfloat16" else None
 
 
 # objective() -> (loss with gradient, a record of its named parts as floats)

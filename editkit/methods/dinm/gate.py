@@ -38,7 +38,7 @@ from editkit.instance import EditInstance
 from editkit.methods.dinm.cache import DiskStore, ModelCache, cache_blocker, weights_digest
 from editkit.methods.dinm.constraints import constraint_requests
 from editkit.methods.dinm.nullspace import collect_keys, render
-from editkit.text import ChatMode, pad_id, prompt_ids, target_ids, with_suffix
+from editkit.text import ChatMode, pad_id, prompts_ids, target_ids, with_suffix
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +108,19 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *,
 
 def sequence_ids(tokenizer: Any, prompt: str, answer: str, *, chat_template: ChatMode, max_length: int) -> list[int]:
     """Token ids of ``prompt`` rendered as the edit renders it, followed by ``answer``'s (if any)."""
-    return _sequence(tokenizer, prompt, answer, chat_template=chat_template, max_length=max_length)[0]
+    return _sequences(tokenizer, [(prompt, answer)], chat_template=chat_template, max_length=max_length)[0][0]
 
 
-def _sequence(tokenizer: Any, prompt: str, answer: str, *, chat_template: ChatMode,
-              max_length: int) -> tuple[list[int], int]:
-    """(:func:`sequence_ids`, the position of the prompt's last token in them)."""
-    ids = prompt_ids(tokenizer, prompt, chat_template)
-    end = len(ids)
-    ids = ids + (target_ids(tokenizer, answer, chat_template) if answer else [])
-    return ids[-max_length:], max(end - 1 - max(len(ids) - max_length, 0), 0)
+def _sequences(tokenizer: Any, pairs: Sequence[tuple[str, str]], *, chat_template: ChatMode,
+               max_length: int) -> tuple[list[list[int]], list[int]]:
+    """(:func:`sequence_ids` of each pair, the position of its prompt's last token in them)."""
+    sequences, ends = [], []
+    for ids, (_, answer) in zip(prompts_ids(tokenizer, [p for p, _ in pairs], chat_template), pairs):
+        end = len(ids)
+        ids = ids + (target_ids(tokenizer, answer, chat_template) if answer else [])
+        sequences.append(ids[-max_length:])
+        ends.append(max(end - 1 - max(len(ids) - max_length, 0), 0))
+    return sequences, ends
 
 
 def _new_positions(sequences: Sequence[list[int]], skip: Sequence[int]) -> list[list[int]]:
@@ -206,8 +209,8 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
                           chat_template=chat_template, max_length=max_length, disk=disk)
     prompts = [with_suffix(p, s) for s in variants for p, _ in benign]
     answers = [a for _ in variants for _, a in benign]
-    sequences, ends = map(list, zip(*(_sequence(tokenizer, p, a, chat_template=chat_template, max_length=max_length)
-                                      for p, a in zip(prompts, answers))))
+    sequences, ends = _sequences(tokenizer, list(zip(prompts, answers)), chat_template=chat_template,
+                                 max_length=max_length)
     every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
     # the prompt's last token (where the answer is decided) and the other tokens, as two groups
     last = torch.stack([k[e] for k, e in zip(every, ends)])

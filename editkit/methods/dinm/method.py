@@ -193,7 +193,7 @@ class DINM(EditingMethod):
         t1 = time.perf_counter()
         rows = cache.reference_rows(model, digest, disk=hp.disk_cache) if digest is not None else None
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows,
-                         gate=fitted if hp.harm_gate_train else None) as editor:
+                         gate=fitted if hp.harm_gate_train else None, autocast=hp.autocast_dtype) as editor:
             timings["reference"] = editor.reference_seconds  # inside "edit" until now; split out below
             if rows is not None:
                 log.info("reference pass: %(reused)d sequence(s) reused, %(computed)d computed", editor.row_stats)

@@ -35,7 +35,7 @@ from editkit.devices import execution_device, is_offloaded
 from editkit.hooks import Trace
 from editkit.methods.dinm.cache import DiskStore, ModelCache, cache_blocker, weights_digest
 from editkit.methods.dinm.constraints import constraint_requests
-from editkit.text import ChatMode, pad_id, pad_right, prompt_ids, with_suffix
+from editkit.text import ChatMode, pad_id, pad_right, prompts_ids, with_suffix
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def guard_prompts(suffix: str | None, requests: Sequence[str] | None = None) -> 
 
 def render(tokenizer: Any, prompts: Sequence[str], *, chat_template: ChatMode, max_length: int) -> list[list[int]]:
     """Token ids of ``prompts`` as the edit encodes a prompt (its end kept when over-long)."""
-    return [prompt_ids(tokenizer, p, chat_template)[-max_length:] for p in prompts]
+    return [ids[-max_length:] for ids in prompts_ids(tokenizer, prompts, chat_template)]
 
 
 @torch.no_grad()
