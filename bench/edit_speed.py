@@ -40,7 +40,8 @@ recorded per case). The warm-up runs on a record that is not timed:
   grad), with the exact arguments the model passes to each decoder layer above L (causal mask,
   rotary embeddings, position ids — captured by pre-hooks, so the mask is the one the model built).
   Then T times (T = the steps the fast edit ran), for every batch: O + Δ·K (only at the loss
-  positions when L is the top layer), layers[L+1:] and the final norm, a scalar loss, backward
+  positions when L is the top layer), layers[L+1:] and the final norm (under bf16 autocast when the
+  configuration's ``step_dtype`` is bfloat16, as its steps run; Δ·K and the head fp32), a scalar loss, backward
   into a trainable delta Δ on layer L's MLP output projection: nothing of layer L but the delta's
   own term is recomputed, since nothing else of it changes. Model parameters are frozen while
   measuring. (The null-space projector is not modelled: the editor folds it into K once.)

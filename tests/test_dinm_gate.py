@@ -348,3 +348,20 @@ def test_benign_token_keys_are_kept_once_per_prefix() -> None:
     (ids,), (end,) = gate._sequences(editkit.models.tiny_tokenizer(), [("Hello there", "Hi!")], chat_template="auto",
                                      max_length=5)
     assert len(ids) == 5 and 0 <= end < 5
+
+
+def test_standardisation_matches_sklearn_scaler() -> None:
+    """The gate's one-pass standardisation gives what sklearn's StandardScaler gives (a constant
+    feature included), in the keys' fp32."""
+    import numpy as np
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((500, 7)) * rng.uniform(0.01, 30, 7) + rng.uniform(-5, 5, 7)).astype(np.float32)
+    x[:, 3] = 2.5  # constant
+    z, mean, scale = gate._standardised(x)
+    scaler = StandardScaler().fit(x)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(mean, scaler.mean_, rtol=1e-10)
+    np.testing.assert_allclose(scale, scaler.scale_, rtol=1e-10)
+    np.testing.assert_allclose(z, scaler.transform(x), rtol=1e-6, atol=1e-6)

@@ -196,7 +196,6 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
 
     try:
         from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
     except ImportError as err:
         raise ImportError("harm_gate fits its probe with scikit-learn: pip install 'editkit[train]' "
                           "(or scikit-learn)") from err
@@ -223,15 +222,28 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     # tokens, every other benign token
     w = np.r_[np.full(len(positives), 1 / len(positives)), np.full(len(last), 1 / len(last)),
               np.full(len(rest), 1 / len(rest))] * len(x) / 3
-    scaler = StandardScaler().fit(x)
-    z = scaler.transform(x)
+    z, mean, scale = _standardised(x)
     probe = LogisticRegression(C=c, max_iter=5000).fit(z, y, sample_weight=w)
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0).astype(np.float64)
     weight = probe.coef_[0].astype(np.float64) / scale
-    bias = float(probe.intercept_[0]) - float(weight @ scaler.mean_.astype(np.float64))
+    bias = float(probe.intercept_[0]) - float(weight @ mean)
     accuracy = float(probe.score(z, y, sample_weight=w))
     return Gate(torch.tensor(weight, dtype=torch.float32), torch.tensor(bias, dtype=torch.float32),
                 len(positives), len(sequences), accuracy)
+
+
+def _standardised(x: Any) -> tuple[Any, Any, Any]:
+    """(z, mean, scale): ``x`` [n, d] standardised as sklearn's StandardScaler does (fp64 mean and
+    population std, near-constant features left unscaled, ``x``'s dtype kept), in one pass: on the
+    gate's keys the scaler's incremental fit took as long as the probe's."""
+    import numpy as np
+
+    mean = x.mean(0, dtype=np.float64)
+    std = np.sqrt(x.var(0, dtype=np.float64))
+    scale = np.where(std < 10 * np.finfo(np.float64).eps, 1.0, std)
+    z = x.copy()
+    z -= mean
+    z /= scale
+    return z, mean, scale
 
 
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
