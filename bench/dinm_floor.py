@@ -4,10 +4,8 @@ cached output, the layers above, the final norm and (optionally) the LM head at 
 forward and backward into Δ."""
 from __future__ import annotations
 
-import contextlib
-
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -71,7 +69,7 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
     (with the head: DINM's unedited NLL on "edit" and "questions", KL on the others). ``autocast``:
     the layers and the norm run under autocast to that dtype (as the edit's steps with
     ``step_dtype``), Δ·K and the head in fp32."""
-    amp = (lambda: torch.autocast(delta.device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+    amp = (lambda: torch.autocast(delta.device.type, dtype=autocast)) if autocast is not None else nullcontext
     layers = decoder_layers(model, arch)
     norm = get_module(model, arch.final_norm)
     out_proj = get_module(layers[layer], arch.mlp_out)

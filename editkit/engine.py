@@ -34,11 +34,9 @@ other rows, with other padding, equals the padded batch's up to float noise.
 """
 from __future__ import annotations
 
-import contextlib
-
 import time
 from collections.abc import Callable, Hashable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -373,10 +371,10 @@ class DeltaEditor:
         finally:
             self._current = None
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _autocast(self) -> AbstractContextManager:
         """The steps' autocast; passes without gradient (the reference, the final metrics) run exact."""
         if self.autocast is None or not torch.is_grad_enabled():
-            return contextlib.nullcontext()
+            return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _forward(self, batch: TokenBatch) -> torch.Tensor:

@@ -289,6 +289,25 @@ def test_pooled_over_refusal_counts_each_part_apart() -> None:
     assert M.pooled_over_refusal([{"DS": 0}]) == {}
 
 
+def test_over_refusal_on_the_original_requests_is_kept_apart() -> None:
+    """Runs made before the set grew were asked only the original reporting requests: the summary
+    also pools the answers to those alone, the figure those runs can be compared on."""
+    reqs = M.load_benign_requests("reporting")
+    first = min(r["added"] for r in reqs)
+    original = [r["id"] for r in reqs if r["added"] == first]
+    later = [r["id"] for r in reqs if r["added"] != first]
+    assert len(original) == 24 and len(later) >= 40
+    rows = [{"benign": [{"id": original[0], "refusal": 0.9, "refusal_suffix": 0.1},
+                        {"id": original[1], "refusal": 0.1, "refusal_suffix": 0.1},
+                        {"id": later[0], "refusal": 0.9, "refusal_suffix": 0.9},
+                        {"id": later[1], "refusal": 0.9, "refusal_suffix": 0.9}]}]
+    out = M.pooled_over_refusal(rows)
+    assert out["over_refusal"] == 75.0 and out["over_refusal_suffix"] == 50.0 and out["n_benign_reporting"] == 4
+    assert out["over_refusal_original"] == 50.0 and out["over_refusal_original_suffix"] == 0.0
+    assert out["n_benign_original"] == 2
+    assert "Over-refusal, original requests" in M.markdown_table({"run": out}).splitlines()[0]
+
+
 def test_benign_requests_counts_and_schema() -> None:
     reqs = M.load_benign_requests()
     assert len(reqs) >= 60
@@ -299,7 +318,7 @@ def test_benign_requests_counts_and_schema() -> None:
     assert kinds.count("edgy") >= 20 and kinds.count("edgy") >= len(reqs) / 3
     assert kinds.count("plain") >= 20
     for r in reqs:
-        assert set(r) == {"id", "request", "kind", "topic", "intent", "part"}
+        assert set(r) == {"id", "request", "kind", "topic", "intent", "part", "added"}
         assert r["topic"].strip() and r["intent"].strip()
         text = r["request"]
         assert text[-1] in "?." and text.count("?") + text.count(". ") <= 1, text  # one sentence
