@@ -399,8 +399,7 @@ class DeltaEditor:
         """[n, vocab] fp32 logits from final hidden states [n, d_model] (fast path: exact there), never
         under autocast (bf16 logits would put their rounding into the KL term)."""
         head = lm_head(self.model, self.arch)
-        weight = getattr(head, "weight", None)
-        if self.autocast is not None and weight is not None:
-            hidden = hidden.to(weight.dtype)
+        if getattr(head, "weight", None) is not None:  # an autocast forward may hand over bf16 states
+            hidden = hidden.to(head.weight.dtype)
         with torch.autocast(self.device.type, enabled=False):
             return head(hidden).float()

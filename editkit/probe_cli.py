@@ -333,10 +333,10 @@ def run_probe(args: argparse.Namespace) -> int:
     import editkit
     import torch
     from editkit.patch import model_info
-    from safeedit.dataset import load_safeedit, shared_data_dir
+    from safeedit.dataset import dev_records_path, load_safeedit
     from tqdm.auto import tqdm
 
-    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    data = args.data or str(dev_records_path())
     pool = load_safeedit(data).instances
     measured, train, shown = choose_records(pool, args)
     if any(it.kind == "dataset" for it in items) and not train:

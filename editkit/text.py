@@ -34,15 +34,14 @@ def _ids(encoded: Any) -> list[int]:
 
 def prompt_ids(tokenizer: Any, user: str, chat_template: ChatMode = "auto") -> list[int]:
     """Token ids of a prompt ready for the answer to follow (chat: up to the assistant header)."""
-    if uses_chat(tokenizer, chat_template):
-        messages = [{"role": "user", "content": user}]
-        return _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    return _ids(tokenizer(user if chat_template == "raw" else user + "\n", add_special_tokens=True))
+    return prompts_ids(tokenizer, [user], chat_template)[0]
 
 
 def prompts_ids(tokenizer: Any, users: Sequence[str], chat_template: ChatMode = "auto") -> list[list[int]]:
-    """:func:`prompt_ids` of many prompts, tokenized in one call (the same ids: the chat template
-    renders each prompt to text, which is then tokenized without added special tokens)."""
+    """:func:`prompt_ids` of many prompts, tokenized in one call: in chat mode the template renders
+    each prompt to text (up to the assistant header), which is tokenized without added special
+    tokens, as ``apply_chat_template(tokenize=True)`` does; otherwise the prompt and a newline
+    (``raw``: the prompt as it stands) with the tokenizer's special tokens."""
     if not users:
         return []
     if uses_chat(tokenizer, chat_template):

@@ -65,10 +65,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     import editkit
-    from safeedit.dataset import load_safeedit, parse_shard, shared_data_dir
+    from safeedit.dataset import dev_records_path, load_safeedit, parse_shard
     from safeedit.runner import EvalConfig, evaluate
 
-    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    data = args.data or str(dev_records_path())
     pool = load_safeedit(data, split=args.split, skip_invalid=args.skip_invalid)
     if pool.skipped:
         print(f"skipped {pool.skipped} malformed record(s)")
@@ -118,11 +118,11 @@ def cpu_share(processes: int) -> int:
 
 
 def run_rejudge(args: argparse.Namespace) -> int:
-    from safeedit.dataset import load_safeedit, shared_data_dir
+    from safeedit.dataset import dev_records_path, load_safeedit
     from safeedit.judge import load_judge
     from safeedit.runner import rejudge
 
-    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    data = args.data or str(dev_records_path())
     summary = rejudge(args.run, load_judge(args.judge), load_safeedit(data).instances, judge_spec=args.judge)
     print((Path(args.run) / "table.md").read_text())
     print(json.dumps(summary, indent=2))
@@ -131,14 +131,14 @@ def run_rejudge(args: argparse.Namespace) -> int:
 
 def run_reask_benign(args: argparse.Namespace) -> int:
     import editkit
-    from safeedit.dataset import load_safeedit, shared_data_dir
+    from safeedit.dataset import dev_records_path, load_safeedit
     from safeedit.runner import reask_benign
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    data = args.data or str(shared_data_dir() / "safeedit" / "safeedit_dev.json")
+    data = args.data or str(dev_records_path())
     instances = load_safeedit(data).instances
     model, tok = editkit.load_model(args.model, device=args.device)
     summary = reask_benign(args.run, model, tok, instances)

@@ -20,6 +20,11 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+def dev_records_path() -> Path:
+    """The shared SafeEdit dev records (``safeedit/safeedit_dev.json`` under :func:`shared_data_dir`)."""
+    return shared_data_dir() / "safeedit" / "safeedit_dev.json"
+
+
 @dataclass
 class SafeEditData:
     instances: list[EditInstance]
