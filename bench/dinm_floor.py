@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from editkit.arch import decoder_layers, get_module, linear_delta, lm_head
+from editkit.engine import ExactForwardHead
 from editkit.hooks import Trace
 
 
@@ -68,13 +69,15 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
     layer only the loss positions are computed. Also returns the first iteration's loss per batch
     (with the head: DINM's unedited NLL on "edit" and "questions", KL on the others). ``autocast``:
     the layers and the norm run under autocast to that dtype (as the edit's steps with
-    ``step_dtype``), Δ·K and the head in fp32."""
+    ``step_dtype``), Δ·K and the head's logits in fp32 (its backward in that dtype, as the steps')."""
     amp = (lambda: torch.autocast(delta.device.type, dtype=autocast)) if autocast is not None else nullcontext
     layers = decoder_layers(model, arch)
     norm = get_module(model, arch.final_norm)
     out_proj = get_module(layers[layer], arch.mlp_out)
     delta = torch.zeros(out_proj.weight.shape, dtype=torch.float32, device=out_proj.weight.device, requires_grad=True)
     top = layer == len(layers) - 1
+    weight = lm_head(model, arch).weight
+    low_head = weight.detach().to(autocast) if autocast is not None and head else None
 
     def step(c: dict[str, Any], name: str) -> torch.Tensor:
         if top:
@@ -94,7 +97,10 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
         hidden = hidden.to(lm_head(model, arch).weight.dtype)
         if not head:
             return hidden.float().pow(2).mean()
-        logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
+        if low_head is not None:  # as the edit's steps: exact logits, the gradient into hidden in bf16
+            logits = ExactForwardHead.apply(hidden, lm_head(model, arch).weight, low_head).float()
+        else:
+            logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
         if name in NLL_BATCHES:
             return F.cross_entropy(logits, c["targets"])
         return F.kl_div(F.log_softmax(logits, -1), c["reference"], log_target=True, reduction="batchmean")

@@ -41,7 +41,8 @@ recorded per case). The warm-up runs on a record that is not timed:
   rotary embeddings, position ids — captured by pre-hooks, so the mask is the one the model built).
   Then T times (T = the steps the fast edit ran), for every batch: O + Δ·K (only at the loss
   positions when L is the top layer), layers[L+1:] and the final norm (under bf16 autocast when the
-  configuration's ``step_dtype`` is bfloat16, as its steps run; Δ·K and the head fp32), a scalar loss, backward
+  configuration's ``step_dtype`` is bfloat16, as its steps run; Δ·K and the head's logits fp32, its backward
+  bf16; with the configuration's ``step_attention``), a scalar loss, backward
   into a trainable delta Δ on layer L's MLP output projection: nothing of layer L but the delta's
   own term is recomputed, since nothing else of it changes. Model parameters are frozen while
   measuring. (The null-space projector is not modelled: the editor folds it into K once.)
@@ -143,7 +144,8 @@ def dinm_batches(model: Any, tok: Any, inst: Any, config: Any, pool: list[Any]) 
         pairs["benign"] = self_answered_pairs(model, tok, pick_requests(inst.id, config.benign_constraint),
                                               suffix=suffix, max_new_tokens=config.benign_answer_tokens,
                                               chat_template=config.chat_template)
-    return {name: encode_pairs(tok, p, chat_template=config.chat_template, max_length=config.max_length)
+    return {name: encode_pairs(tok, p, chat_template=config.chat_template, max_length=config.max_length,
+                               max_target_tokens=config.question_target_tokens if name == "questions" else None)
             for name, p in pairs.items() if p}
 
 
@@ -159,6 +161,21 @@ def disk_cache(folder: Path) -> Iterator[None]:
             os.environ.pop("EDITKIT_DINM_CACHE", None)
         else:
             os.environ["EDITKIT_DINM_CACHE"] = before
+
+
+@contextmanager
+def attention(model: Any, implementation: str | None) -> Iterator[None]:
+    """The model runs with ``implementation`` (transformers' attn_implementation) inside the block,
+    as the editor runs it with ``step_attention``; None: the model's own."""
+    own = model.config._attn_implementation
+    if implementation is None or implementation == own:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
 
 
 def others(pool: list[Any], inst: Any) -> list[Any]:
@@ -309,10 +326,12 @@ def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, 
             raise RuntimeError(f"record {inst.id}: the edit from the disk cache differs from the cold edit")
         check_batches(fast, batches)
         layer, steps = fast.layer, fast.metrics["steps_run"]
-        captured = {name: capture(model, arch, layer, b) for name, b in batches.items()}
-        amp = configs["fast"].autocast_dtype  # the floor runs in the steps' precision
-        floors["floor_body"].append(floor_seconds(model, arch, layer, captured, steps, head=False, autocast=amp)[0])
-        seconds, first = floor_seconds(model, arch, layer, captured, steps, head=True, autocast=amp)
+        amp = configs["fast"].autocast_dtype  # the floor runs in the steps' precision and attention
+        with attention(model, configs["fast"].attention):  # (captured with it: the layers' masks follow it)
+            captured = {name: capture(model, arch, layer, b) for name, b in batches.items()}
+            floors["floor_body"].append(floor_seconds(model, arch, layer, captured, steps, head=False,
+                                                      autocast=amp)[0])
+            seconds, first = floor_seconds(model, arch, layer, captured, steps, head=True, autocast=amp)
         floors["floor_head"].append(seconds)
         # the replayed layers compute what the model computes: same unedited NLL, KL (= 0) on the rest
         replay_diff = max(abs(first[LOSS_BATCH[k]] - v) for k, v in fast.losses[0].items() if k in LOSS_BATCH)

@@ -35,7 +35,7 @@ other rows, with other padding, equals the padded batch's up to float noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Mapping
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -80,7 +80,8 @@ class RowReference:
     entering it, or (replay) its output and keys — at every position, or at the predicting
     positions only when the layer is the top one."""
 
-    head_input: torch.Tensor  # [n_predicting, d_model] the final hidden state where the losses read logits
+    head_input: torch.Tensor | None = None  # [n_predicting, d_model] the final hidden state where the losses read
+    # logits (None: computed up to the edited layer only, for a batch whose unedited logits nobody read)
     entry: torch.Tensor | None = None  # [seq, d_model] the state entering the edited layer
     output: torch.Tensor | None = None  # [m, d_model] the edited layer's unedited output
     keys: torch.Tensor | None = None  # [m, d_in] the input of its MLP output projection
@@ -113,6 +114,14 @@ def _row_lengths(batch: TokenBatch) -> list[int] | None:
     return lengths.tolist()
 
 
+class _StopForward(Exception):
+    """Raised by :func:`_stop_forward` to end a reference forward once the edited layer has run."""
+
+
+def _stop_forward(module: nn.Module, args: tuple, output: Any) -> None:
+    raise _StopForward
+
+
 def replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (value, *args[1:]), kwargs
@@ -123,7 +132,8 @@ class DeltaEditor:
     """Context manager owning a trainable ``delta`` (fp32, the weight's shape) for the MLP output
     projection of ``layer``, and the token batches the losses read.
 
-    ``initial_logits[name]``: logits of the unedited model at the batch's predicting positions.
+    ``initial_logits[name]``: logits of the unedited model at the batch's predicting positions (the
+    batches of ``reference_logits``, see below).
     ``logits(name)``: the same positions under the current delta, with gradient.
     ``projector``: [d_in, d_in] symmetric projector the delta is composed with (see the module docstring).
     ``rows``: on the fast path, a store of reference rows to read and fill (see the module docstring);
@@ -133,8 +143,14 @@ class DeltaEditor:
     change a gated patch makes at inference (keys are the unedited model's, so on the fast path the
     weights are computed once, from the unprojected keys).
     ``autocast``: a dtype (bfloat16) the steps' layers run in under ``torch.autocast``; the reference
-    pass, the delta and its change Δ·k stay float32, and on the fast path so does the LM head (the
-    plain path runs the whole model under autocast).
+    pass, the delta and its change Δ·k stay float32, and on the fast path so do the LM head's logits
+    (its backward runs in the autocast dtype; the plain path runs the whole model under autocast).
+    ``attention``: an attention implementation (transformers' ``attn_implementation``) the model runs
+    with while the editor is open, the model's own restored on exit.
+    ``reference_logits``: the batches whose unedited logits the caller reads (``initial_logits``;
+    default all). On the fast path the reference pass of the others stops at the edited layer: the
+    steps need only what enters it (or its output and keys), and the layers above are most of a
+    forward's cost for a mid-layer edit.
     """
 
     def __init__(
@@ -149,9 +165,13 @@ class DeltaEditor:
         rows: RowStore | None = None,
         gate: Callable[[torch.Tensor], torch.Tensor] | None = None,
         autocast: torch.dtype | None = None,
+        attention: str | None = None,
+        reference_logits: Collection[str] | None = None,
     ) -> None:
         self.model = model
         self.autocast = autocast
+        self.attention = attention
+        self.reference_logits = set(batches) if reference_logits is None else set(reference_logits)
         self.gate = gate
         self.arch = arch
         self.layer = layer
@@ -180,6 +200,7 @@ class DeltaEditor:
         self._as_tuple: bool | None = None
         self._stack = ExitStack()
         self._current: str | None = None
+        self._low_head: torch.Tensor | None = None  # the LM head's weight in the autocast dtype, once
 
     def effective_delta(self) -> torch.Tensor:
         """The change to the weight the current delta makes (with gradient): ``delta`` itself, or
@@ -215,6 +236,7 @@ class DeltaEditor:
             self._stack.callback(self.model.train, self.model.training)
             self.model.eval()
             self._freeze_model()
+            self._switch_attention()
             self._reference_pass()
             if self.replay:
                 if not self.top:
@@ -230,6 +252,20 @@ class DeltaEditor:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
         self._cache.clear()
+        self._low_head = None
+
+    def _switch_attention(self) -> None:
+        if self.attention is None:
+            return
+        config = getattr(self.model, "config", None)
+        if config is None or not hasattr(self.model, "set_attn_implementation"):
+            raise ValueError(f"step_attention={self.attention!r} needs a transformers model; "
+                             f"{type(self.model).__name__} has no set_attn_implementation")
+        own = config._attn_implementation  # transformers keeps the implementation in use there
+        if own == self.attention:
+            return
+        self.model.set_attn_implementation(self.attention)
+        self._stack.callback(self.model.set_attn_implementation, own)
 
     def _freeze_model(self) -> None:
         # by name: accelerate replaces an offloaded module's parameter objects at every forward
@@ -247,17 +283,21 @@ class DeltaEditor:
 
     @torch.no_grad()
     def _reference_pass(self) -> None:
-        """The unedited logits of every batch and what the steps start from (the state entering the
-        edited layer, or its output and keys): one full forward per batch, or, with ``rows``, one
-        over the batch's rows not in the store."""
+        """The unedited logits of the batches in ``reference_logits`` and what the steps start from
+        (the state entering the edited layer, or its output and keys): one forward per batch, or, with
+        ``rows``, one over the batch's rows not in the store; on the fast path, a batch without
+        reference logits stops at the edited layer."""
         start = time.perf_counter()
         for name, batch in self.batches.items():
+            logits = name in self.reference_logits or not self.fast_path
             lengths = _row_lengths(batch) if self.rows is not None else None
             if lengths is not None:
-                pieces, self.initial_logits[name] = self._reference_from_rows(batch, lengths)
+                pieces, out = self._reference_from_rows(batch, lengths, logits)
             else:
-                pieces, out = self._traced_forward(batch)
-                self.initial_logits[name] = self._head(out) if self.fast_path else out
+                pieces, hidden = self._traced_forward(batch, logits)
+                out = hidden if not self.fast_path or hidden is None else self._head(hidden)
+            if logits:
+                self.initial_logits[name] = out
             self._cache[name] = self._prepared(pieces)
         if self.fast_path and self._as_tuple is None and not (self.replay and self.top):  # every row was stored
             self._probe_layer_output(next(iter(self.batches.values())))
@@ -275,17 +315,24 @@ class DeltaEditor:
             keys = keys @ self.projector  # Δ·P·k = Δ·(k·P): P is symmetric
         return {**prepared, "keys": keys}
 
-    def _traced_forward(self, batch: TokenBatch) -> tuple[RowReference, torch.Tensor]:
-        """One full forward: the pieces the steps start from (a :class:`RowReference` over the padded
+    def _traced_forward(self, batch: TokenBatch, logits: bool = True) -> tuple[RowReference, torch.Tensor | None]:
+        """One forward: the pieces the steps start from (a :class:`RowReference` over the padded
         batch: [batch, seq, ...], or [n_targets, ...] for a replayed top layer) and the final hidden
         state at the predicting positions [n_targets, d_model] on the fast path (the logits there,
-        [n_targets, vocab] fp32, otherwise)."""
+        [n_targets, vocab] fp32, otherwise). Without ``logits`` (fast path, below the top layer) the
+        forward stops once the edited layer has run, and the hidden state is None."""
+        stop = logits is False and self.fast_path and not self.top
         with ExitStack() as traces:
             layer = traces.enter_context(Trace(self.layers[self.layer], retain_input=not self.replay,
                                                retain_output=True, detach=True))
             keys = (traces.enter_context(Trace(self.module, retain_input=True, retain_output=False, detach=True))
                     if self.replay else None)
-            out = self._final_hidden(batch) if self.fast_path else self._forward(batch)
+            if stop:  # registered after the trace, so it runs once the trace has kept its pieces
+                traces.callback(self.layers[self.layer].register_forward_hook(_stop_forward).remove)
+            try:
+                out = self._final_hidden(batch) if self.fast_path else self._forward(batch)
+            except _StopForward:
+                out = None
         self._as_tuple = isinstance(layer.raw_output, tuple)
         if not self.replay:
             return RowReference(out, entry=layer.input), out
@@ -295,34 +342,38 @@ class DeltaEditor:
             output, key = output[where], key[where]
         return RowReference(out, output=output, keys=key), out
 
-    def _reference_from_rows(self, batch: TokenBatch, lengths: list[int]) -> tuple[RowReference, torch.Tensor]:
+    def _reference_from_rows(self, batch: TokenBatch, lengths: list[int],
+                             logits: bool = True) -> tuple[RowReference, torch.Tensor | None]:
         """(the pieces of ``batch`` as :meth:`_traced_forward` gives them, logits [n_targets, vocab]
-        fp32), each row read from ``rows`` or computed with the other missing rows and kept there."""
+        fp32 or, without ``logits``, None), each row read from ``rows`` or computed with the other
+        missing rows and kept there (a row kept without its head input counts as missing when the
+        logits are asked for)."""
         ids, targets = batch.input_ids.cpu(), batch.target_mask.cpu()
         kind = "top" if self.replay and self.top else "replay" if self.replay else "entry"
         keys = [(self.param_name, kind, ids[i, :n].numpy().tobytes(), targets[i, :n].numpy().tobytes())
                 for i, n in enumerate(lengths)]
         found = [self.rows.get(key) for key in keys]
-        missing = [i for i, row in enumerate(found) if row is None]
+        missing = [i for i, row in enumerate(found) if row is None or (logits and row.head_input is None)]
         if missing:
             width = max(lengths[i] for i in missing)
             index = torch.tensor(missing, device=batch.input_ids.device)
             sub = TokenBatch(batch.input_ids[index, :width], batch.attention_mask[index, :width],
                              batch.target_mask[index, :width])
-            pieces, hidden = self._traced_forward(sub)
+            pieces, hidden = self._traced_forward(sub, logits)
             counts = sub.predicting_positions().sum(1).tolist()
-            heads = hidden.split(counts)
+            heads = hidden.split(counts) if hidden is not None else [None] * len(missing)
             parts = {name: t for name, t in pieces.tensors().items() if name != "head_input"}
             if kind == "top":  # kept at the predicting positions: [n_targets, ...], split by row
                 per_row = {name: t.split(counts) for name, t in parts.items()}
             for j, i in enumerate(missing):
                 own = ({name: t[j] for name, t in per_row.items()} if kind == "top"
                        else {name: t[j, :lengths[i]] for name, t in parts.items()})
-                found[i] = RowReference(heads[j].clone(), **{name: t.clone() for name, t in own.items()})
+                found[i] = RowReference(heads[j].clone() if heads[j] is not None else None,
+                                        **{name: t.clone() for name, t in own.items()})
                 self.rows.put(keys[i], found[i])
         self.row_stats["reused"] += len(found) - len(missing)
         self.row_stats["computed"] += len(missing)
-        head_input = torch.cat([row.head_input.to(self.device) for row in found])
+        head_input = torch.cat([row.head_input.to(self.device) for row in found]) if logits else None
         assembled = {}
         for name in found[0].tensors():
             if name == "head_input":
@@ -335,7 +386,7 @@ class DeltaEditor:
                                           dtype=first.dtype, device=self.device)
             for i, row in enumerate(found):
                 assembled[name][i, :lengths[i]] = getattr(row, name)
-        return RowReference(head_input, **assembled), self._head(head_input)
+        return RowReference(head_input, **assembled), self._head(head_input) if logits else None
 
     def _probe_layer_output(self, batch: TokenBatch) -> None:
         """Whether the decoder layers return tuples, from a one-token forward (the pass-through
@@ -397,9 +448,33 @@ class DeltaEditor:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, vocab] fp32 logits from final hidden states [n, d_model] (fast path: exact there), never
-        under autocast (bf16 logits would put their rounding into the KL term)."""
+        under autocast (bf16 logits would put their rounding into the KL term). During autocast steps
+        the gradient into the hidden states is taken in the autocast dtype, as every layer below
+        takes it (:class:`ExactForwardHead`): half the head's cost is that product."""
         head = lm_head(self.model, self.arch)
-        if getattr(head, "weight", None) is not None:  # an autocast forward may hand over bf16 states
-            hidden = hidden.to(head.weight.dtype)
+        weight = getattr(head, "weight", None)
+        if weight is not None:  # an autocast forward may hand over bf16 states
+            hidden = hidden.to(weight.dtype)
         with torch.autocast(self.device.type, enabled=False):
+            if (self.autocast is not None and torch.is_grad_enabled() and isinstance(head, nn.Linear)
+                    and head.bias is None and not weight.requires_grad and weight.device.type != "meta"):
+                if self._low_head is None or self._low_head.device != weight.device:
+                    self._low_head = weight.detach().to(self.autocast)
+                return ExactForwardHead.apply(hidden, weight, self._low_head).float()
             return head(hidden).float()
+
+
+class ExactForwardHead(torch.autograd.Function):
+    """hidden @ weightᵀ exactly; backward: the gradient into ``hidden`` from the low-precision copy
+    of the weight (the weight itself is frozen and gets none)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(low)
+        ctx.dtype = hidden.dtype
+        return hidden @ weight.t()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (low,) = ctx.saved_tensors
+        return (grad.to(low.dtype) @ low).to(ctx.dtype), None, None

@@ -92,15 +92,17 @@ def encode_pairs(
     *,
     chat_template: ChatMode = "auto",
     max_length: int = 2048,
+    max_target_tokens: int | None = None,
 ) -> TokenBatch:
     """(prompt, target) pairs → a right-padded TokenBatch. Over-long prompts lose their start
-    (the end, where the request and suffix are, is kept); targets are capped at half of ``max_length``."""
+    (the end, where the request and suffix are, is kept); targets are capped at half of ``max_length``
+    and at ``max_target_tokens`` (their opening tokens kept)."""
     if not pairs:
         raise ValueError("no (prompt, target) pairs to encode")
     rows: list[tuple[list[int], int]] = []
     for prompt, target in pairs:
         p = prompt_ids(tokenizer, prompt, chat_template)
-        t = target_ids(tokenizer, target, chat_template)[: max(1, max_length // 2)]
+        t = target_ids(tokenizer, target, chat_template)[: max(1, min(max_length // 2, max_target_tokens or max_length))]
         if not t:
             raise ValueError(f"target {target!r} has no tokens")
         p = p[-(max_length - len(t)):]

@@ -14,6 +14,7 @@ every token, so it must stay shut there on benign text).
     python scripts/gate_check.py --layers 13 29 --c 1 0.1 0.01 0.001
     python scripts/gate_check.py --layers 13 29 --positions
     python scripts/gate_check.py --layers 13 --test-inputs
+    python scripts/gate_check.py --layers 13 --test-inputs --margins 0 0.25 0.5 1   # harm_gate_margin
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--positions", action="store_true", help="also the mean gate on other tokens and answers")
     parser.add_argument("--max-negatives", type=int, default=gate.MAX_NEGATIVES,
                         help="benign token keys the probe is fitted on (a fixed draw beyond that)")
+    parser.add_argument("--margins", type=float, nargs="+", default=None,
+                        help="also the share of each input group with probe logit w·k + b above each margin "
+                             "(harm_gate_margin: the gate is sigmoid(s·(w·k + b - margin)))")
     parser.add_argument("--test-inputs", action="store_true",
                         help="fit with the fold's generalization inputs among the harmful examples (harm_gate_test_inputs)")
     args = parser.parse_args()
@@ -99,6 +103,10 @@ def main() -> None:
             shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
                       for k in keys.values()]
             print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)
+            for margin in args.margins or ():
+                logits = {name: k.float() @ fitted.weight + fitted.bias for name, k in keys.items()}
+                print(f"    layer {layer}, C {c:g}, logit > {margin:g}: " + ", ".join(
+                    f"{name} {float((z > margin).float().mean()):.3f}" for name, z in logits.items()), flush=True)
             if args.positions:
                 for name in ("benign", "benign+s", "onlyQ+s"):
                     body, answer = token_gates(model, tok, arch, layer, fitted, inputs[name])

@@ -95,9 +95,9 @@ def editors(monkeypatch) -> list[DeltaEditor]:
             seen.append(self)
             return super().__enter__()
 
-        def _traced_forward(self, batch):
+        def _traced_forward(self, batch, logits=True):
             self.forwards.append(batch.input_ids.shape[0])
-            return super()._traced_forward(batch)
+            return super()._traced_forward(batch, logits)
 
     monkeypatch.setattr(dinm_method, "DeltaEditor", Spy)
     return seen
@@ -204,6 +204,49 @@ def test_rows_assembled_from_other_batches_equal_a_padded_forward(family, layer,
             results[name] = (editor.initial_logits["b"], *start, logits.detach(), editor.delta.grad.clone())
     for got, want in zip(results["assembled"], results["padded"]):
         torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("layer", [1, 3], ids=["middle", "top"])
+def test_batches_without_reference_logits_stop_at_the_edited_layer(tokenizer, layer):
+    """A batch whose unedited logits nobody reads runs its reference pass up to the edited layer
+    only (no logits, its rows kept without a head input; the top layer has nothing above to skip);
+    the steps start from the same pieces and give the same logits. A later editor that does read
+    that batch's logits recomputes those rows instead of using them."""
+    model = tiny_model("llama")
+    arch = resolve_arch(model)
+    layers = decoder_layers(model, arch)
+    batch = encode_pairs(tokenizer, [(r, "Sure, here it is.") for r in constraints.constraint_requests()[:3]])
+    store: dict = {}
+
+    class Store:
+        def get(self, key):
+            return store.get(key)
+
+        def put(self, key, value):
+            store[key] = value
+
+    above = []
+    handle = layers[-1].register_forward_hook(lambda *a: above.append(1))
+    try:
+        results = {}
+        for name, kept in (("full", None), ("short", ())):
+            above.clear()
+            with DeltaEditor(model, arch, layer, {"b": batch}, rows=Store() if name == "short" else None,
+                             reference_logits=kept) as editor:
+                reference_runs = len(above)
+                assert ("b" in editor.initial_logits) == (name == "full")
+                with torch.no_grad():
+                    results[name] = editor.logits("b")
+            assert reference_runs == (1 if name == "full" or layer == 3 else 0)
+        torch.testing.assert_close(results["short"], results["full"], rtol=0, atol=TOL)
+        assert len(store) == 3 and all((row.head_input is None) == (layer == 1) for row in store.values())
+        with DeltaEditor(model, arch, layer, {"b": batch}, rows=Store()) as editor:
+            assert editor.row_stats == ({"reused": 0, "computed": 3} if layer == 1 else {"reused": 3, "computed": 0})
+            torch.testing.assert_close(editor.initial_logits["b"], results["full"], rtol=0, atol=TOL)
+        assert all(row.head_input is not None for row in store.values())
+    finally:
+        handle.remove()
     assert hook_count(model) == 0
 
 

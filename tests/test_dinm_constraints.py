@@ -3,6 +3,7 @@ bound on ‖Δ‖/‖W‖ (shared with FT-L), and bare harmful questions as extr
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -356,6 +357,36 @@ def test_question_targets_are_other_records_questions(question_instance, pool, t
     assert [(with_suffix(o.question, SUFFIX), o.safe) for o in pool[4:7]] in seen
     assert len([r for r in caplog.records if "question targets" in r.getMessage()]) == 1
     snap.assert_same(model)
+
+
+def test_question_target_tokens_keeps_the_opening_of_the_question_targets_only(question_instance, pool, tokenizer,
+                                                                                  monkeypatch) -> None:
+    long_safe = "No, I will not help with that, because it could hurt people badly."
+    pool = [replace(o, safe=long_safe) for o in pool]
+    full = encode_pairs(tokenizer, [("Q?", long_safe)])
+    cut = encode_pairs(tokenizer, [("Q?", long_safe)], max_target_tokens=3)
+    assert cut.n_targets == 3 < full.n_targets
+    assert torch.equal(cut.input_ids[0], full.input_ids[0, : cut.input_ids.shape[1]])  # the opening kept
+    built = {}
+    original = dinm_method.encode_pairs
+
+    def spy(tok, pairs, **kwargs):
+        batch = original(tok, pairs, **kwargs)
+        built[pairs[0][0]] = batch
+        return batch
+
+    monkeypatch.setattr(dinm_method, "encode_pairs", spy)
+    model = tiny_model("llama")
+    hp = dict(steps=2, lr=1e-2, c_edit=1.0, layer=LAYER, question_targets=2)
+    result = editkit.edit(model, question_instance, tokenizer=tokenizer, constraint_pool=pool,
+                          hparams={**hp, "question_target_tokens": 3})
+    questions = [b for p, b in built.items() if _normal(p) == _normal(with_suffix(pool[4].question, SUFFIX))]
+    assert len(questions) == 1 and questions[0].target_mask.sum(1).tolist() == [3, 3]
+    edit = built[with_suffix(question_instance.prompt, SUFFIX)]
+    assert edit.n_targets == len(encode_pairs(tokenizer, [("x", question_instance.safe)]).targets())
+    assert result.metrics["question_nll_after"] < result.metrics["question_nll_before"]
+    with pytest.raises(ValueError, match="question_target_tokens"):
+        DINMConfig.from_dict({"question_target_tokens": 0})
 
 
 def _normal(text: str) -> str:

@@ -233,6 +233,29 @@ def test_gate_settings() -> None:
             DINMConfig.from_dict(bad)
 
 
+def test_margin_shuts_the_gate_where_the_logit_does_not_clear_it(edited, pool, tokenizer) -> None:
+    model = tiny_model("llama")
+    plain = editkit.edit(model, edited, tokenizer=tokenizer, hparams={**HP, "harm_gate_sharpness": 2.0},
+                         constraint_pool=pool)
+    shifted = editkit.edit(model, edited, tokenizer=tokenizer,
+                           hparams={**HP, "harm_gate_sharpness": 2.0, "harm_gate_margin": 0.5}, constraint_pool=pool)
+    (name, _), = plain.patch.deltas.items()
+    w, b = plain.patch.gates[name]["weight"], plain.patch.gates[name]["bias"]
+    torch.testing.assert_close(shifted.patch.gates[name]["weight"], w)
+    torch.testing.assert_close(shifted.patch.gates[name]["bias"], b - 2.0 * 0.5)  # shifted, then sharpened
+    target = torch.linspace(-1, 1, 41, dtype=torch.float64) + 0.01  # the probe's own logits, none on 0 or 0.5
+    keys = ((2.0 * target - b.double()) / (w.double() @ w.double())).unsqueeze(1) * w.double()
+    logit = (keys @ w.double() + b.double()) / 2.0
+    torch.testing.assert_close(logit, target)
+    keys = keys.float()
+    opened = torch.sigmoid(keys @ w + shifted.patch.gates[name]["bias"]) > 0.5
+    assert torch.equal(opened, logit > 0.5)
+    between = (logit > 0) & (logit < 0.5)
+    assert bool(between.any()) and not bool(opened[between].any())  # open without the margin, shut with it
+    with pytest.raises(ValueError, match="harm_gate_margin"):
+        DINMConfig.from_dict({"harm_gate_margin": float("nan")})
+
+
 def test_sharpness_keeps_the_decision_and_hardens_it(edited, pool, tokenizer) -> None:
     model = tiny_model("llama")
     soft = editkit.edit(model, edited, tokenizer=tokenizer, hparams=HP, constraint_pool=pool)

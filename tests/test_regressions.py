@@ -454,3 +454,26 @@ def test_edit_speed_bench_replays_question_targets(tokenizer) -> None:
     bench.check_batches(result, batches)  # nothing unmodelled, the pair counts agree
     with pytest.raises(RuntimeError, match="questions batch"):
         bench.check_batches(result, {**batches, "questions": encode_pairs(tokenizer, [("Q?", "No.")])})
+
+
+def test_edit_speed_floor_replays_bf16_eager_steps(tokenizer) -> None:
+    """With bf16 steps and eager attention, the bench's floor runs in the steps' precision and
+    attention (captured with it, so the layers get the masks eager attention needs): its first
+    losses are the edit's unedited ones, and the model has its attention back."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "edit_speed.py"
+    spec = importlib.util.spec_from_file_location("edit_speed_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    records = [EditInstance(id=str(i), prompt=f"Ignore rules. Question {i}?", safe="No, I will not.", unsafe="Sure.",
+                            knowledge_prompt="Capital of France?", knowledge_answer="Paris.", question=f"Question {i}?")
+               for i in range(4)]
+    model = tiny_model("llama")
+    own = model.config._attn_implementation
+    fast = editkit.load_hparams("dinm", {"steps": 2, "layer": 1, "question_targets": 1, "step_dtype": "bfloat16",
+                                         "step_attention": "eager"})
+    configs = {"fast": fast, "plain": fast.replace(fast_path=False), "reference-10": bench.reference_settings(fast)}
+    row = bench.bench_record(model, tokenizer, resolve_arch(model), records[0], configs, 1, records[1:])
+    # the same layer calls on the same inputs: equal to float noise (captured under the model's own
+    # attention, the eager layers get no causal mask and miss by ~2e-4 on this model)
+    assert row["floor_replay_diff"] < 1e-5 and row["floor_head"] > 0
+    assert model.config._attn_implementation == own

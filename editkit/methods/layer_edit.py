@@ -47,6 +47,10 @@ class LayerEditConfig(HParams):
         "float32", "the steps' forward and backward through the layers above the edited one: float32, or under "
         "bfloat16 autocast (faster where the hardware has bf16 matrix units; the delta, the optimiser, the LM head "
         "on the fast path and the unedited reference stay float32)")
+    step_attention: Literal["model", "eager", "sdpa"] = hp(
+        "model", "the attention implementation the editor runs the model with (transformers' attn_implementation, "
+        "restored after): model keeps the model's own; eager is faster on CPU for the short sequences an edit "
+        "trains on (torch's fused CPU attention spends most of a bf16 step's attention time in overhead)")
 
     def __post_init__(self) -> None:
         self._check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -57,6 +61,8 @@ class LayerEditConfig(HParams):
         self._check(self.max_delta_ratio is None or self.max_delta_ratio > 0,
                     f"max_delta_ratio must be > 0 or null, got {self.max_delta_ratio}")
         self._check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+        self._check(self.step_attention in ("model", "eager", "sdpa"),
+                    f"step_attention must be model, eager or sdpa, got {self.step_attention!r}")
         self._check(self.step_dtype in ("float32", "bfloat16"),
                     f"step_dtype must be float32 or bfloat16, got {self.step_dtype!r}")
 
@@ -64,6 +70,11 @@ class LayerEditConfig(HParams):
     def autocast_dtype(self) -> torch.dtype | None:
         """The dtype the editor's steps autocast to (None: no autocast)."""
         return torch.bfloat16 if self.step_dtype == "bfloat16" else None
+
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation the editor switches the model to (None: the model's own)."""
+        return None if self.step_attention == "model" else self.step_attention
 
 
 # objective() -> (loss with gradient, a record of its named parts as floats)

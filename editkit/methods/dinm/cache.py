@@ -125,7 +125,7 @@ class _ReferenceRows:
         row = _ROWS.get(self.model, (self.digest, key))
         if row is None and self.disk:
             found = _DISK_ROWS.read_tensors([self.digest, _plain_key(key)])
-            if found is not None and "head_input" in found[0]:
+            if found is not None and ("entry" in found[0] or "keys" in found[0]):  # (head_input is optional)
                 row = RowReference(**found[0])
                 _ROWS.put(self.model, (self.digest, key), row)
         return row

@@ -1,6 +1,7 @@
 """DINM settings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,6 +39,9 @@ class DINMConfig(LayerEditConfig):
                                "the caller's constraint_pool, each with its own safe response and the suffix; records "
                                "without a question, the edited record, and records whose question is the edited one's "
                                "or appears in its generalization inputs are skipped")
+    question_target_tokens: int | None = hp(None, "train the question targets on the opening tokens of their safe "
+                                            "responses only, at most this many (null: the whole response): where "
+                                            "comply or refuse is decided, at a fraction of a step's tokens")
     question_weight: float = hp(1.0, "weight of the question targets relative to c_edit: loss += c_edit × weight × "
                                 "token-mean NLL over the other records' questions (and the same for the own question)")
     guard_cache: bool = hp(True, "reuse, across edits of one model, what the unedited model gives that does not "
@@ -59,6 +63,10 @@ class DINMConfig(LayerEditConfig):
     harm_gate_c: float = hp(0.1, "inverse L2 strength of the gate's logistic probe (on standardised keys)")
     harm_gate_sharpness: float = hp(1.0, "the gate is sigmoid(s·(w·k + b)) with this s: above 1 it shuts harder "
                                     "where the probe leans benign and opens harder where it leans harmful")
+    harm_gate_margin: float = hp(0.0, "the gate is sigmoid(s·(w·k + b - margin)): above 0 it opens only where the probe's "
+                                 "logit clears the margin (fewer benign requests open it, fewer harmful ones too); "
+                                 "choose it on held-out benign requests of the tuning part (scripts/gate_check.py "
+                                 "--margins), never on the reporting part")
     harm_gate_test_inputs: bool = hp(False, "also count the other records' generalization inputs (their question in "
                                      "other attack wrappers, other questions in theirs) among the gate's harmful "
                                      "examples; the edited record's own texts stay out")
@@ -83,6 +91,9 @@ class DINMConfig(LayerEditConfig):
         self._check(self.harm_gate_c > 0, f"harm_gate_c must be > 0, got {self.harm_gate_c}")
         self._check(self.harm_gate or not self.harm_gate_train, "harm_gate_train needs harm_gate: true")
         self._check(self.harm_gate_sharpness > 0, f"harm_gate_sharpness must be > 0, got {self.harm_gate_sharpness}")
+        self._check(math.isfinite(self.harm_gate_margin), f"harm_gate_margin must be finite, got {self.harm_gate_margin}")
+        self._check(self.question_target_tokens is None or self.question_target_tokens >= 1,
+                    f"question_target_tokens must be >= 1 or null, got {self.question_target_tokens}")
         self._check(self.question_weight >= 0, f"question_weight must be >= 0, got {self.question_weight}")
 
     @property

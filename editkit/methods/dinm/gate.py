@@ -61,6 +61,10 @@ class Gate:
     def __call__(self, keys: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(keys.float() @ self.weight.to(keys.device) + self.bias.to(keys.device))
 
+    def shifted(self, margin: float) -> Gate:
+        """sigmoid(k·weight + bias - margin): open only where the probe's logit clears ``margin``."""
+        return replace(self, bias=self.bias - margin)
+
     def sharpened(self, s: float) -> Gate:
         """sigmoid(s·(k·weight + bias)): the same decision, shut and open harder for s > 1."""
         return replace(self, weight=s * self.weight, bias=s * self.bias)

@@ -153,7 +153,8 @@ class DINM(EditingMethod):
                 extra["trains_on_test_inputs"] = ["DG_onlyQ"]
             else:
                 log.warning("own_question_target: instance %s has no question; no target added", instance.id)
-        batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length)
+        batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length,
+                                      max_target_tokens=hp.question_target_tokens if name == "questions" else None)
                    for name, p in pairs.items()}
         weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
         timings["guard"] = time.perf_counter() - t_guard  # the unedited model's own answers, and encoding
@@ -181,7 +182,7 @@ class DINM(EditingMethod):
                                      test_inputs=hp.harm_gate_test_inputs, disk=hp.disk_cache)
             own = gate.last_keys(model, tokenizer, arch, layer, [pairs["edit"][0][0]], chat_template=hp.chat_template,
                                  max_length=hp.max_length, disk=hp.disk_cache)
-            fitted = fitted.sharpened(hp.harm_gate_sharpness)
+            fitted = fitted.shifted(hp.harm_gate_margin).sharpened(hp.harm_gate_sharpness)
             gate_tensors = {"weight": fitted.weight, "bias": fitted.bias}
             extra.update(gate_fit_accuracy=fitted.accuracy, gate_harmful_texts=fitted.n_harmful,
                          gate_benign_texts=fitted.n_benign, gate_on_edit_prompt=float(fitted(own)[0]))
@@ -192,23 +193,18 @@ class DINM(EditingMethod):
 
         t1 = time.perf_counter()
         rows = cache.reference_rows(model, digest, disk=hp.disk_cache) if digest is not None else None
+        kl_names = [name for name in ("kl", "benign") if name in batches]
         with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, projector=projector, rows=rows,
-                         gate=fitted if hp.harm_gate_train else None, autocast=hp.autocast_dtype) as editor:
+                         gate=fitted if hp.harm_gate_train else None, autocast=hp.autocast_dtype,
+                         attention=hp.attention, reference_logits=kl_names) as editor:
             timings["reference"] = editor.reference_seconds  # inside "edit" until now; split out below
             if rows is not None:
                 log.info("reference pass: %(reused)d sequence(s) reused, %(computed)d computed", editor.row_stats)
             edit_targets = editor.batches["edit"].targets()
             kl_targets = editor.batches["kl"].targets()
             targets = {name: editor.batches[name].targets() for name in question_names}
-            kl_names = [name for name in ("kl", "benign") if name in batches]
             reference = {name: F.log_softmax(editor.initial_logits[name], -1) for name in kl_names}
-            metrics = {
-                "edit_nll_before": float(_nll(editor.initial_logits["edit"], edit_targets)),
-                "knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)),
-                **extra,
-                **{f"{_part(name)}_before": float(_nll(editor.initial_logits[name], targets[name]))
-                   for name in question_names},
-            }
+            metrics = {"knowledge_nll_before": float(_nll(editor.initial_logits["kl"], kl_targets)), **extra}
 
             def objective() -> tuple[torch.Tensor, dict[str, float]]:
                 nll = _nll(editor.logits("edit"), edit_targets)
@@ -225,6 +221,10 @@ class DINM(EditingMethod):
                                     norm_constraint=hp.norm_constraint, max_delta_ratio=hp.max_delta_ratio,
                                     weight_norm=w_norm, early_stop_loss=hp.early_stop_loss,
                                     desc=f"DINM layer {layer}", progress=progress)
+            # the NLL targets' unedited values are the first step's (the delta starts at zero), read in
+            # the steps' precision: their reference pass stopped at the edited layer
+            metrics.update(edit_nll_before=losses[0]["edit_nll"],
+                           **{f"{_part(name)}_before": losses[0][_part(name)] for name in question_names})
             with torch.no_grad():
                 kl_logits = editor.logits("kl")
                 metrics.update(

@@ -55,7 +55,8 @@ class FTL(EditingMethod):
                                         max_length=hp.max_length)}
         w_norm = weight_norm(model, mlp_out_name(model, arch, layer)) if hp.max_delta_ratio is not None else None
         start = time.perf_counter()
-        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, autocast=hp.autocast_dtype) as editor:
+        with DeltaEditor(model, arch, layer, batches, fast_path=hp.fast_path, autocast=hp.autocast_dtype,
+                         attention=hp.attention) as editor:
             targets = editor.batches["edit"].targets()
             metrics: dict[str, Any] = {"edit_nll_before": float(F.cross_entropy(editor.initial_logits["edit"], targets))}
 
