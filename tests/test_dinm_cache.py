@@ -84,6 +84,19 @@ def generated(monkeypatch) -> list[list[str]]:
     return calls
 
 
+def _dict_store(store: dict) -> type:
+    """A RowStore class whose instances read and fill ``store``."""
+
+    class Store:
+        def get(self, key):
+            return store.get(key)
+
+        def put(self, key, value):
+            store[key] = value
+
+    return Store
+
+
 @pytest.fixture
 def editors(monkeypatch) -> list[DeltaEditor]:
     """Every DeltaEditor the DINM edits open; ``forwards`` lists the rows of each reference forward."""
@@ -168,13 +181,7 @@ def test_rows_assembled_from_other_batches_equal_a_padded_forward(family, layer,
     pairs += [(with_suffix(p, SUFFIX), a) for p, a in pairs]
     batch = encode_pairs(tokenizer, pairs)
     store: dict = {}
-
-    class Store:
-        def get(self, key):
-            return store.get(key)
-
-        def put(self, key, value):
-            store[key] = value
+    Store = _dict_store(store)
 
     for i in range(len(pairs)):
         with DeltaEditor(model, arch, layer, {"one": encode_pairs(tokenizer, pairs[i:i + 1])}, rows=Store()):
@@ -218,13 +225,7 @@ def test_batches_without_reference_logits_stop_at_the_edited_layer(tokenizer, la
     layers = decoder_layers(model, arch)
     batch = encode_pairs(tokenizer, [(r, "Sure, here it is.") for r in constraints.constraint_requests()[:3]])
     store: dict = {}
-
-    class Store:
-        def get(self, key):
-            return store.get(key)
-
-        def put(self, key, value):
-            store[key] = value
+    Store = _dict_store(store)
 
     above = []
     handle = layers[-1].register_forward_hook(lambda *a: above.append(1))
