@@ -76,8 +76,8 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
     out_proj = get_module(layers[layer], arch.mlp_out)
     delta = torch.zeros(out_proj.weight.shape, dtype=torch.float32, device=out_proj.weight.device, requires_grad=True)
     top = layer == len(layers) - 1
-    weight = lm_head(model, arch).weight
-    low_head = weight.detach().to(autocast) if autocast is not None and head else None
+    lm = lm_head(model, arch)
+    low_head = lm.weight.detach().to(autocast) if autocast is not None and head else None
 
     def step(c: dict[str, Any], name: str) -> torch.Tensor:
         if top:
@@ -94,13 +94,13 @@ def floor_seconds(model: Any, arch: Any, layer: int, captured: dict[str, dict], 
                     hidden = layers[i](hidden, *args[1:], **kwargs)
                     hidden = hidden[0] if isinstance(hidden, tuple) else hidden
                 hidden = norm(hidden)[c["positions"]]  # [n_targets, d_model]
-        hidden = hidden.to(lm_head(model, arch).weight.dtype)
+        hidden = hidden.to(lm.weight.dtype)
         if not head:
             return hidden.float().pow(2).mean()
         if low_head is not None:  # as the edit's steps: exact logits, the gradient into hidden in bf16
-            logits = ExactForwardHead.apply(hidden, lm_head(model, arch).weight, low_head).float()
+            logits = ExactForwardHead.apply(hidden, lm.weight, low_head).float()
         else:
-            logits = lm_head(model, arch)(hidden).float()  # [n_targets, vocab]
+            logits = lm(hidden).float()  # [n_targets, vocab]
         if name in NLL_BATCHES:
             return F.cross_entropy(logits, c["targets"])
         return F.kl_div(F.log_softmax(logits, -1), c["reference"], log_target=True, reduction="batchmean")

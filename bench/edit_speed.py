@@ -81,7 +81,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext, contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,6 +90,7 @@ import torch
 import editkit
 from editkit.methods.dinm import clear_cache as clear_dinm_caches
 from editkit.arch import decoder_layers, resolve_arch
+from editkit.engine import attention_implementation
 from editkit.hparams import HParams
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.methods.dinm.method import question_pairs
@@ -161,21 +162,6 @@ def disk_cache(folder: Path) -> Iterator[None]:
             os.environ.pop("EDITKIT_DINM_CACHE", None)
         else:
             os.environ["EDITKIT_DINM_CACHE"] = before
-
-
-@contextmanager
-def attention(model: Any, implementation: str | None) -> Iterator[None]:
-    """The model runs with ``implementation`` (transformers' attn_implementation) inside the block,
-    as the editor runs it with ``step_attention``; None: the model's own."""
-    own = model.config._attn_implementation
-    if implementation is None or implementation == own:
-        yield
-        return
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(own)
 
 
 def others(pool: list[Any], inst: Any) -> list[Any]:
@@ -329,7 +315,7 @@ def bench_record(model: Any, tok: Any, arch: Any, inst: Any, configs: dict[str, 
         check_batches(fast, batches)
         layer, steps = fast.layer, fast.metrics["steps_run"]
         amp = configs["fast"].autocast_dtype  # the floor runs in the steps' precision and attention
-        with attention(model, configs["fast"].attention):  # (captured with it: the layers' masks follow it)
+        with attention_implementation(model, configs["fast"].attention):  # (captured with it: the layers' masks follow it)
             captured = {name: capture(model, arch, layer, b) for name, b in batches.items()}
             floors["floor_body"].append(floor_seconds(model, arch, layer, captured, steps, head=False,
                                                       autocast=amp)[0])

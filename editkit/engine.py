@@ -35,8 +35,8 @@ other rows, with other padding, equals the padded batch's up to float noise.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Hashable, Mapping
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -120,6 +120,27 @@ class _StopForward(Exception):
 
 def _stop_forward(module: nn.Module, args: tuple, output: Any) -> None:
     raise _StopForward
+
+
+@contextmanager
+def attention_implementation(model: nn.Module, implementation: str | None) -> Iterator[None]:
+    """``model`` runs with ``implementation`` (transformers' ``attn_implementation``) inside the block,
+    its own restored after, also on error; None: the model's own, untouched."""
+    if implementation is None:
+        yield
+        return
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"attention implementation {implementation!r} needs a transformers model; "
+                         f"{type(model).__name__} has no set_attn_implementation")
+    own = model.config._attn_implementation  # transformers keeps the implementation in use there
+    if own == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
 
 
 def replace_first_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
@@ -236,7 +257,7 @@ class DeltaEditor:
             self._stack.callback(self.model.train, self.model.training)
             self.model.eval()
             self._freeze_model()
-            self._switch_attention()
+            self._stack.enter_context(attention_implementation(self.model, self.attention))
             self._reference_pass()
             if self.replay:
                 if not self.top:
@@ -253,19 +274,6 @@ class DeltaEditor:
         self._stack.close()
         self._cache.clear()
         self._low_head = None
-
-    def _switch_attention(self) -> None:
-        if self.attention is None:
-            return
-        config = getattr(self.model, "config", None)
-        if config is None or not hasattr(self.model, "set_attn_implementation"):
-            raise ValueError(f"step_attention={self.attention!r} needs a transformers model; "
-                             f"{type(self.model).__name__} has no set_attn_implementation")
-        own = config._attn_implementation  # transformers keeps the implementation in use there
-        if own == self.attention:
-            return
-        self.model.set_attn_implementation(self.attention)
-        self._stack.callback(self.model.set_attn_implementation, own)
 
     def _freeze_model(self) -> None:
         # by name: accelerate replaces an offloaded module's parameter objects at every forward
@@ -321,7 +329,7 @@ class DeltaEditor:
         state at the predicting positions [n_targets, d_model] on the fast path (the logits there,
         [n_targets, vocab] fp32, otherwise). Without ``logits`` (fast path, below the top layer) the
         forward stops once the edited layer has run, and the hidden state is None."""
-        stop = logits is False and self.fast_path and not self.top
+        stop = not logits and not self.top  # (the plain path always asks for logits)
         with ExitStack() as traces:
             layer = traces.enter_context(Trace(self.layers[self.layer], retain_input=not self.replay,
                                                retain_output=True, detach=True))

@@ -103,8 +103,8 @@ def main() -> None:
             shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
                       for k in keys.values()]
             print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)
+            logits = {name: k.float() @ fitted.weight + fitted.bias for name, k in keys.items()}
             for margin in args.margins or ():
-                logits = {name: k.float() @ fitted.weight + fitted.bias for name, k in keys.items()}
                 print(f"    layer {layer}, C {c:g}, logit > {margin:g}: " + ", ".join(
                     f"{name} {float((z > margin).float().mean()):.3f}" for name, z in logits.items()), flush=True)
             if args.positions:
