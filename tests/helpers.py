@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+import editkit
+
 from editkit.models import tiny_model
 
 
@@ -57,3 +59,22 @@ def patch_logits(model) -> torch.Tensor:
     """The model's logits on ``PATCH_IDS`` (no grad)."""
     with torch.no_grad():
         return model(input_ids=PATCH_IDS).logits
+
+
+FAST_DINM = dict(steps=3, lr=1e-2, c_edit=1.0)  # a few real DINM steps, fast on a tiny model
+
+
+def dinm_edit(model, inst, tok, **kwargs):
+    """``editkit.edit`` with :data:`FAST_DINM` settings, updated by ``hp=`` (other keywords pass on)."""
+    settings = {**FAST_DINM, **kwargs.pop("hp", {})}
+    return editkit.edit(model, inst, tokenizer=tok, hparams=settings, **kwargs)
+
+
+def only_delta(result) -> tuple[str, torch.Tensor]:
+    """(name, delta) of an edit that changed exactly one weight."""
+    assert len(result.patch.deltas) == 1, f"expected one edited weight, got {list(result.patch.deltas)}"
+    return next(iter(result.patch.deltas.items()))
+
+
+class Boom(RuntimeError):
+    """Raised by a test inside an edit, to check what the edit leaves behind."""

@@ -18,19 +18,7 @@ from editkit.methods.dinm import DINMConfig
 from editkit.models import TINY_EXTRA_TYPES, tiny_model
 from editkit.methods.dinm.config import SUFFIX
 from editkit.text import encode_pairs, with_suffix
-
-FAST = dict(steps=3, lr=1e-2, c_edit=1.0)  # a few real steps, fast on a tiny model
-
-
-def run(model: nn.Module, inst: EditInstance, tok, **kwargs):
-    settings = {**FAST, **kwargs.pop("hp", {})}
-    return editkit.edit(model, inst, tokenizer=tok, hparams=settings, **kwargs)
-
-
-def only_delta(result) -> tuple[str, torch.Tensor]:
-    assert len(result.patch.deltas) == 1, f"expected one edited weight, got {list(result.patch.deltas)}"
-    return next(iter(result.patch.deltas.items()))
-
+from tests.helpers import FAST_DINM as FAST, Boom as _Boom, dinm_edit as run, only_delta
 
 def edit_nll(model: nn.Module, tok, inst: EditInstance) -> float:
     """NLL of the safe response after attack ⊕ suffix, computed by a plain forward pass."""
@@ -96,10 +84,6 @@ def test_edit_lowers_safe_response_nll(tiny_lm, tokenizer, instance) -> None:
 
 
 # --------------------------------------------------------------------------- nothing on error
-
-
-class _Boom(RuntimeError):
-    pass
 
 
 @pytest.mark.parametrize("where", ["optimizer", "loss", "nan"])
@@ -198,51 +182,6 @@ def test_fast_path_equals_plain_path(tiny_lm, tokenizer, instance, layer: int) -
     assert (fd - pd).abs().max() <= 1e-6
     for key, value in plain.metrics.items():
         assert fast.metrics[key] == pytest.approx(value, abs=1e-5)
-
-
-@pytest.mark.parametrize("layer", [1, -1], ids=["middle", "top"])
-def test_bfloat16_steps_follow_the_float32_edit(tiny_lm, tokenizer, instance, layer: int) -> None:
-    """step_dtype bfloat16: the layers above the edited one run under bf16 autocast during the
-    steps, while the unedited reference, the delta and the LM head's logits stay fp32: the KL's
-    reference is the fp32 edit's exactly (the edit NLL's before-value is the first step's, to bf16
-    rounding), the step losses and the delta follow the fp32 ones to bf16 rounding, on the fast and
-    the plain path; the model's weights stay fp32 and untouched."""
-    before = {k: v.clone() for k, v in tiny_lm.state_dict().items()}
-    exact = run(tiny_lm, instance, tokenizer, layer=layer)
-    for fast_path in (True, False):
-        bf16 = run(tiny_lm, instance, tokenizer, layer=layer, hp={"step_dtype": "bfloat16", "fast_path": fast_path})
-        # the plain path's reference is its own forward
-        assert bf16.metrics["knowledge_nll_before"] == pytest.approx(exact.metrics["knowledge_nll_before"],
-                                                                     abs=1e-6 if fast_path else 1e-4)
-        assert bf16.metrics["edit_nll_before"] == pytest.approx(exact.metrics["edit_nll_before"], rel=0.02)
-        assert bf16.losses[-1]["edit_nll"] < bf16.losses[0]["edit_nll"]
-        for b, e in zip(bf16.losses, exact.losses):
-            assert b["edit_nll"] == pytest.approx(e["edit_nll"], rel=0.05, abs=0.02)
-        (name, d_bf16), (_, d_exact) = only_delta(bf16), only_delta(exact)
-        assert d_bf16.dtype == torch.float32
-        assert float((d_bf16 - d_exact).norm() / d_exact.norm()) < 0.1
-    if layer == 1:  # below the top the steps really ran in bf16: the result differs from fp32's
-        assert not torch.equal(d_bf16, d_exact)
-    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in tiny_lm.state_dict().items())
-    with pytest.raises(ValueError, match="step_dtype"):
-        editkit.load_hparams("dinm", {"step_dtype": "float16"})
-
-
-def test_exact_forward_head_takes_its_gradient_in_low_precision() -> None:
-    """The LM head of autocast steps: logits exactly the fp32 product, the gradient into the hidden
-    states from the bf16 weight (bf16 rounding off the fp32 one), none into the frozen weight."""
-    from editkit.engine import ExactForwardHead
-
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(300, 16, generator=gen)
-    hidden = torch.randn(5, 16, generator=gen, requires_grad=True)
-    logits = ExactForwardHead.apply(hidden, weight, weight.to(torch.bfloat16))
-    assert logits.dtype == torch.float32 and torch.equal(logits, hidden @ weight.t())
-    upstream = torch.randn(5, 300, generator=gen)
-    (grad,) = torch.autograd.grad(logits, hidden, upstream)
-    exact = upstream @ weight
-    assert grad.dtype == torch.float32 and not torch.equal(grad, exact)
-    torch.testing.assert_close(grad, exact, rtol=0.03, atol=0.3)
 
 
 def test_fast_path_skips_the_lower_layers(tiny_lm, tokenizer, instance) -> None:
@@ -477,38 +416,6 @@ def test_requires_grad_flags_restored(tokenizer, instance, monkeypatch) -> None:
     with pytest.raises(_Boom):
         run(model, instance, tokenizer, layer=1)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == expected
-
-
-def test_step_attention_runs_the_edit_eager_and_hands_the_model_back(tokenizer, instance, monkeypatch) -> None:
-    """step_attention: eager: the editor runs the model with transformers' eager attention (the
-    same edit to float noise, fast and plain path, in bf16 steps too), and the model has its own
-    implementation back afterwards, after an error too."""
-    model = tiny_model("llama")
-    own = model.config._attn_implementation
-    assert own != "eager"
-    seen = []
-    original = dinm_method._nll
-
-    def spy(*args, **kwargs):
-        seen.append(model.config._attn_implementation)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(dinm_method, "_nll", spy)
-    for hp in ({}, {"fast_path": False}, {"step_dtype": "bfloat16"}):
-        base = run(model, instance, tokenizer, layer=1, hp=hp)
-        seen.clear()
-        eager = run(model, instance, tokenizer, layer=1, hp={**hp, "step_attention": "eager"})
-        assert seen and set(seen) == {"eager"} and model.config._attn_implementation == own
-        tol = 2e-2 if hp.get("step_dtype") else 1e-4
-        for b, e in zip(base.losses, eager.losses):
-            assert e["edit_nll"] == pytest.approx(b["edit_nll"], rel=tol, abs=tol)
-        torch.testing.assert_close(only_delta(eager)[1], only_delta(base)[1], rtol=0.1, atol=tol)
-    monkeypatch.setattr(torch.optim.Adam, "step", lambda *a, **k: (_ for _ in ()).throw(_Boom()))
-    with pytest.raises(_Boom):
-        run(model, instance, tokenizer, layer=1, hp={"step_attention": "eager"})
-    assert model.config._attn_implementation == own
-    with pytest.raises(ValueError, match="step_attention"):
-        editkit.load_hparams("dinm", {"step_attention": "flash"})
 
 
 @pytest.mark.parametrize("family", TINY_EXTRA_TYPES)

@@ -23,6 +23,7 @@ from editkit.methods.ft.config import FTLConfig
 from editkit.methods.layer_edit import optimize_delta
 from editkit.models import tiny_model
 from editkit.text import encode_pairs, prompt_ids, with_suffix
+from tests.helpers import only_delta
 
 LAYER = 1
 TOL = 1e-3
@@ -39,11 +40,6 @@ def fresh_cache():
 
 def run(model: nn.Module, inst: EditInstance, tok, method: str = "dinm", **settings):
     return editkit.edit(model, inst, tokenizer=tok, method=method, hparams=settings)
-
-
-def only_delta(result) -> tuple[str, torch.Tensor]:
-    (name, delta), = result.patch.deltas.items()
-    return name, delta
 
 
 def benign_keys(model: nn.Module, tok, layer: int) -> torch.Tensor:
