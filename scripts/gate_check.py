@@ -15,6 +15,7 @@ every token, so it must stay shut there on benign text).
     python scripts/gate_check.py --layers 13 29 --positions
     python scripts/gate_check.py --layers 13 --test-inputs
     python scripts/gate_check.py --layers 13 --test-inputs --margins 0 0.25 0.5 1   # harm_gate_margin
+    python scripts/gate_check.py --layers 13 --test-inputs --figurative --margins 0 0.25 --open
 """
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ def main() -> None:
                              "(harm_gate_margin: the gate is sigmoid(s·(w·k + b - margin)))")
     parser.add_argument("--test-inputs", action="store_true",
                         help="fit with the fold's generalization inputs among the harmful examples (harm_gate_test_inputs)")
+    parser.add_argument("--open", action="store_true",
+                        help="also list the tuning-part requests whose probe logit clears the smallest margin (0 without --margins)")
+    parser.add_argument("--figurative", action="store_true",
+                        help="fit with the figurative gate requests among the benign examples (harm_gate_figurative)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pool = load_safeedit(args.data).instances
@@ -78,7 +83,7 @@ def main() -> None:
     # questions, and an edit's own probe never sees its question: see gate.gate_texts)
     seen = {gate.normal_text(r.question) for r in fit_on}
     test = [r for r in pool if folds[r.id] == 0 and gate.normal_text(r.question) not in seen]
-    harmful, benign = gate.gate_texts(NOBODY, fit_on, test_inputs=args.test_inputs)
+    harmful, benign = gate.gate_texts(NOBODY, fit_on, test_inputs=args.test_inputs, figurative=args.figurative)
     requests = [r["request"] for r in load_benign_requests("tuning")]
     inputs = {
         "benign": requests,
@@ -107,6 +112,12 @@ def main() -> None:
             for margin in args.margins or ():
                 print(f"    layer {layer}, C {c:g}, logit > {margin:g}: " + ", ".join(
                     f"{name} {float((z > margin).float().mean()):.3f}" for name, z in logits.items()), flush=True)
+            if args.open:
+                floor = min(args.margins or [0.0])
+                for name in ("benign", "benign+s"):
+                    for text, z in sorted(zip(inputs[name], logits[name].tolist()), key=lambda p: -p[1]):
+                        if z > floor:
+                            print(f"    layer {layer}, C {c:g}, {name} logit {z:.2f}: {text[:100]!r}", flush=True)
             if args.positions:
                 for name in ("benign", "benign+s", "onlyQ+s"):
                     body, answer = token_gates(model, tok, arch, layer, fitted, inputs[name])

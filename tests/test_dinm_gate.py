@@ -77,6 +77,24 @@ def test_gate_texts_with_test_inputs_add_other_records_inputs_only(edited, pool)
     assert benign == gate.gate_texts(edited, [*pool, *others])[1]
 
 
+def test_figurative_gate_requests_are_an_option_of_their_own(edited, pool, tokenizer) -> None:
+    """harm_gate_figurative adds the figurative gate requests (and only those) to the benign
+    examples; without it the gate sees the same texts as before they were written; an edit with it
+    counts them (each without and with the suffix)."""
+    core, every = gate.gate_requests(), gate.gate_requests(figurative=True)
+    figurative = [r for r in every if r not in core]
+    assert every[:len(core)] == core and len(figurative) >= 40
+    assert any("kill" in r for r in figurative) and not any("kill the frizz" in r for r in core)
+    _, plain = gate.gate_texts(edited, pool)
+    _, more = gate.gate_texts(edited, pool, figurative=True)
+    assert [b for b in more if b not in plain] == [(r, "") for r in figurative]
+    assert DINMConfig().harm_gate_figurative is False
+    model = tiny_model("llama")
+    result = editkit.edit(model, edited, tokenizer=tokenizer, hparams={**HP, "harm_gate_figurative": True},
+                          constraint_pool=pool)
+    assert result.metrics["gate_benign_texts"] == 2 * (len(constraint_requests()) + len(every) + 5)
+
+
 def test_gate_separates_its_classes_and_scales_the_delta(edited, pool, tokenizer, snapshot, monkeypatch) -> None:
     """The gated patch changes the projection's output by g(k)·Δk per key: the gate read back from
     the patch, Δ the patch's delta; the probe fits its texts; the model is untouched by the edit."""

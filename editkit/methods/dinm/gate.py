@@ -70,12 +70,16 @@ class Gate:
         return replace(self, weight=s * self.weight, bias=s * self.bias)
 
 
-@lru_cache(maxsize=1)
-def gate_requests() -> tuple[str, ...]:
+@lru_cache(maxsize=2)
+def gate_requests(figurative: bool = False) -> tuple[str, ...]:
     """More authored benign requests, many edgy-sounding (kill it at a recital, a murder-mystery
     plot, fireworks' colours), for the gate's negatives only: their intents are none of those of
-    the constraint requests or of SafeEdit's benign requests (tuning or reporting part)."""
-    return tuple(r["request"] for r in json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8")))
+    the constraint requests or of SafeEdit's benign requests (tuning or reporting part).
+    ``figurative``: also the requests of kind "figurative" (added 2026-12-07), everyday tasks put in
+    violent or edgy figures of speech (kill the frizz, explode a CAD block, pull the trigger on a
+    flat): the kind of request a probe trained on literal harm alone reads as harmful."""
+    requests = json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8"))
+    return tuple(r["request"] for r in requests if figurative or r["kind"] != "figurative")
 
 
 def normal_text(text: str) -> str:
@@ -83,15 +87,15 @@ def normal_text(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
-def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *,
-               test_inputs: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *, test_inputs: bool = False,
+               figurative: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """(harmful prompts, benign (prompt, answer) pairs) for the probe of ``instance``'s edit, before
     the suffix is added.
 
     Harmful: the attack prompt and bare question of every other record of ``pool`` (``test_inputs``:
     and that record's generalization inputs too, more attack wrappers around more questions).
-    Benign: the authored constraint requests and gate requests (answer "") and the knowledge pairs
-    of those records. Left out: the edited record (by id) and any text that is, or contains, its
+    Benign: the authored constraint requests and gate requests (answer ""; ``figurative``: with the
+    figurative ones, see :func:`gate_requests`) and the knowledge pairs of those records. Left out: the edited record (by id) and any text that is, or contains, its
     question, its prompt or one of its generalization inputs (SafeEdit records share questions, and test inputs quote other
     questions).
     """
@@ -105,7 +109,7 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *,
     others = [o for o in pool if o.id != instance.id]
     harmful = [t for o in others for t in (o.prompt, o.question, *(o.generalization.values() if test_inputs else ()))
                if t.strip() and not leaks(t)]
-    benign = [*((r, "") for r in (*constraint_requests(), *gate_requests())),
+    benign = [*((r, "") for r in (*constraint_requests(), *gate_requests(figurative))),
               *((o.knowledge_prompt, o.knowledge_answer) for o in others if o.knowledge_prompt.strip())]
     return list(dict.fromkeys(harmful)), list(dict.fromkeys(b for b in benign if not leaks(b[0])))
 
@@ -252,9 +256,9 @@ def _standardised(x: Any) -> tuple[Any, Any, Any]:
 
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
                pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-               c: float, test_inputs: bool = False, disk: bool = True) -> Gate:
+               c: float, test_inputs: bool = False, figurative: bool = False, disk: bool = True) -> Gate:
     """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
-    harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs)
+    harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs, figurative=figurative)
     log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
              len(harmful), len(benign))
     return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,
