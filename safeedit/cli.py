@@ -58,6 +58,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_report)
 
+    p = sub.add_parser("refusals", help="which benign requests finished runs refused: per request, refused without "
+                       "and with the suffix, and asked, side by side")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--part", default="reporting", choices=["reporting", "tuning"],
+                   help="the part of the benign requests (tune on the tuning part only)")
+    p.set_defaults(func=run_refusals)
+
     from safeedit.toxicity_cli import add_commands as add_toxicity_commands  # detox-eval, detox-eval-report
 
     add_toxicity_commands(sub)
@@ -152,4 +159,11 @@ def run_report(args: argparse.Namespace) -> int:
 
     print(build_report(args.runs, args.out))
     print(f"written to {args.out}/: " + ", ".join(sorted(p.name for p in Path(args.out).iterdir() if p.is_file())))
+    return 0
+
+
+def run_refusals(args: argparse.Namespace) -> int:
+    from safeedit.report import refusal_table
+
+    print(refusal_table(args.runs, args.part), end="")
     return 0

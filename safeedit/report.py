@@ -52,6 +52,29 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path, *, plots: bool
     return table
 
 
+def refusal_table(run_dirs: list[str | Path], part: str = "reporting") -> str:
+    """Markdown: the benign requests of ``part`` that some run refused at least once, with each
+    run's refused / refused with the suffix / asked counts, most-refused first, and a total row."""
+    names = {r["id"]: r["request"] for r in metrics.load_benign_requests(part)}
+    runs = [(Path(d).name, metrics.request_refusals(load_run(d)[1], part)) for d in run_dirs]
+    refused = {i for _, counts in runs for i, c in counts.items() if c["refused"] or c["refused_suffix"]}
+
+    def worst(i: str) -> tuple[float, str]:
+        return -max((c[i]["refused"] + c[i]["refused_suffix"]) / (2 * c[i]["asked"]) for _, c in runs if i in c), i
+
+    def cell(counts: dict[str, dict[str, int]], i: str) -> str:
+        c = counts.get(i)
+        return f"{c['refused']} / {c['refused_suffix']} / {c['asked']}" if c else "—"
+
+    lines = ["| request | " + " | ".join(f"{name}: refused / with suffix / asked" for name, _ in runs) + " |",
+             "| --- | " + " | ".join("---:" for _ in runs) + " |"]
+    lines += [f"| {names[i]} | " + " | ".join(cell(c, i) for _, c in runs) + " |" for i in sorted(refused, key=worst)]
+    totals = [tuple(sum(c[k] for c in counts.values()) for k in ("refused", "refused_suffix", "asked"))
+              for _, counts in runs]
+    lines.append("| **all requests of the part** | " + " | ".join(f"{a} / {b} / {n}" for a, b, n in totals) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _pyplot() -> Any:
     import matplotlib
 

@@ -297,7 +297,7 @@ def test_gate_requests_are_new_intents() -> None:
     from safeedit.metrics import load_benign_requests
 
     rows = json.loads(gate.GATE_REQUESTS_FILE.read_text(encoding="utf-8"))
-    assert len(rows) >= 40 and {r["kind"] for r in rows} == {"plain", "edgy"}
+    assert len(rows) >= 40 and {r["kind"] for r in rows} == {"plain", "edgy", "figurative"}
     from editkit.methods.dinm.constraints import REQUESTS_FILE
 
     constraint = json.loads(REQUESTS_FILE.read_text(encoding="utf-8"))

@@ -378,3 +378,34 @@ def test_demo_instance_loads_as_edit_instance() -> None:
     text = resources.files("safeedit").joinpath("data").joinpath("demo_instance.json").read_text(encoding="utf-8")
     inst = instance_mod.EditInstance.from_record(json.loads(text)[0], require_generalization=True)
     assert set(inst.generalization) == set(M.DG_KEYS)
+
+
+def test_request_refusals_count_each_request_of_a_part(tmp_path, capsys) -> None:
+    """Per request: how often it was asked and refused without and with the suffix, one part only;
+    ``editkit refusals`` lists the requests some run refused, most-refused first, with totals that
+    agree with the pooled rate."""
+    from editkit.cli import main
+
+    reporting = [r["id"] for r in M.load_benign_requests("reporting")]
+    tuning = [r["id"] for r in M.load_benign_requests("tuning")]
+    rows = [{"id": "a", "benign": [{"id": reporting[0], "refusal": 0.9, "refusal_suffix": 0.9},
+                                   {"id": reporting[1], "refusal": 0.1, "refusal_suffix": 0.6},
+                                   {"id": tuning[0], "refusal": 0.9, "refusal_suffix": 0.9}]},
+            {"id": "b", "benign": [{"id": reporting[0], "refusal": 0.2, "refusal_suffix": 0.7},
+                                   {"id": reporting[2], "refusal": 0.1, "refusal_suffix": 0.1}]}]
+    counts = M.request_refusals(rows)
+    assert counts == {reporting[0]: {"asked": 2, "refused": 1, "refused_suffix": 2},
+                      reporting[1]: {"asked": 1, "refused": 0, "refused_suffix": 1},
+                      reporting[2]: {"asked": 1, "refused": 0, "refused_suffix": 0}}
+    assert M.request_refusals(rows, "tuning") == {tuning[0]: {"asked": 1, "refused": 1, "refused_suffix": 1}}
+    pooled = M.pooled_over_refusal(rows)
+    assert pooled["over_refusal_suffix"] == pytest.approx(100 * 3 / 4)
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "cases.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main(["refusals", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = {r["id"]: r["request"] for r in M.load_benign_requests()}
+    assert lines[2] == f"| {names[reporting[0]]} | 1 / 2 / 2 |" and lines[3] == f"| {names[reporting[1]]} | 0 / 1 / 1 |"
+    assert lines[-1] == "| **all requests of the part** | 1 / 3 / 4 |" and len(lines) == 5  # reporting[2]: never refused
