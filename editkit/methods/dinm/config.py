@@ -71,9 +71,9 @@ class DINMConfig(LayerEditConfig):
                                      "other attack wrappers, other questions in theirs) among the gate's harmful "
                                      "examples; the edited record's own texts stay out")
     harm_gate_figurative: bool = hp(False, "also count the authored gate requests of kind 'figurative' among the gate's "
-                                    "benign examples: everyday tasks in violent or edgy figures of speech (kill the "
-                                    "frizz, pull the trigger on a flat), none sharing an intent with SafeEdit's "
-                                    "benign requests (editkit/data/gate_requests.json)")
+                                    "benign examples: everyday requests in violent or edgy words, mostly figures of "
+                                    "speech (kill the frizz, pull the trigger on a flat), none sharing an intent "
+                                    "with SafeEdit's benign requests (editkit/data/gate_requests.json)")
     harm_gate_train: bool = hp(False, "train the delta behind the gate: the steps see g(k)·Δ·k at each position, the "
                                "change the gated patch makes at inference (the gate is fitted first; it reads the "
                                "unedited model's keys, so it costs nothing per step). Off: the delta is trained "

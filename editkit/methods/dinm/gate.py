@@ -75,9 +75,9 @@ def gate_requests(figurative: bool = False) -> tuple[str, ...]:
     """More authored benign requests, many edgy-sounding (kill it at a recital, a murder-mystery
     plot, fireworks' colours), for the gate's negatives only: their intents are none of those of
     the constraint requests or of SafeEdit's benign requests (tuning or reporting part).
-    ``figurative``: also the requests of kind "figurative" (added 2026-12-07), everyday tasks put in
-    violent or edgy figures of speech (kill the frizz, explode a CAD block, pull the trigger on a
-    flat): the kind of request a probe trained on literal harm alone reads as harmful."""
+    ``figurative``: also the requests of kind "figurative" (added 2026-12-07), everyday requests in
+    violent or edgy words, mostly figures of speech (kill the frizz, explode a CAD block, pull the
+    trigger on a flat): the kind of request a probe trained on literal harm alone reads as harmful."""
     requests = json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8"))
     return tuple(r["request"] for r in requests if figurative or r["kind"] != "figurative")
 
@@ -95,8 +95,9 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *, test_inp
     Harmful: the attack prompt and bare question of every other record of ``pool`` (``test_inputs``:
     and that record's generalization inputs too, more attack wrappers around more questions).
     Benign: the authored constraint requests and gate requests (answer ""; ``figurative``: with the
-    figurative ones, see :func:`gate_requests`) and the knowledge pairs of those records. Left out: the edited record (by id) and any text that is, or contains, its
-    question, its prompt or one of its generalization inputs (SafeEdit records share questions, and test inputs quote other
+    figurative ones, see :func:`gate_requests`) and the knowledge pairs of those records. Left out:
+    the edited record (by id) and any text that is, or contains, its question, its prompt or one of
+    its generalization inputs (SafeEdit records share questions, and test inputs quote other
     questions).
     """
     own = [normal_text(t) for t in (instance.question, instance.prompt, *instance.generalization.values()) if t.strip()]
