@@ -34,7 +34,7 @@ recorded per case). The warm-up runs on a record that is not timed:
 * the compute floor (``bench/dinm_floor.py``), measured directly on every token batch the committed
   configuration trains on:
   "edit", "kl" and, with the guard, "benign" (built as DINM builds it, with editkit's own
-  ``pick_requests`` + ``self_answered_pairs`` + ``encode_pairs``; the bench checks the pair count
+  ``pick_requests`` + ``self_answered_pairs`` + ``encode_batches``; the bench checks the pair count
   against the edit's metrics and refuses a configuration whose loss reads a batch it does not
   model). Layer L's output O and the input K of its MLP output projection are captured once (no
   grad), with the exact arguments the model passes to each decoder layer above L (causal mask,
@@ -93,9 +93,9 @@ from editkit.arch import decoder_layers, resolve_arch
 from editkit.engine import attention_implementation
 from editkit.hparams import HParams
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
-from editkit.methods.dinm.method import question_pairs
+from editkit.methods.dinm.method import encode_batches, question_pairs
 from editkit.registry import hparams_path
-from editkit.text import encode_pairs, with_suffix
+from editkit.text import with_suffix
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling module, also when loaded by path
@@ -145,9 +145,7 @@ def dinm_batches(model: Any, tok: Any, inst: Any, config: Any, pool: list[Any]) 
         pairs["benign"] = self_answered_pairs(model, tok, pick_requests(inst.id, config.benign_constraint),
                                               suffix=suffix, max_new_tokens=config.benign_answer_tokens,
                                               chat_template=config.chat_template)
-    return {name: encode_pairs(tok, p, chat_template=config.chat_template, max_length=config.max_length,
-                               max_target_tokens=config.question_target_tokens if name == "questions" else None)
-            for name, p in pairs.items() if p}
+    return encode_batches(tok, {name: p for name, p in pairs.items() if p}, config)
 
 
 @contextmanager

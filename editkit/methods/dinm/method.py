@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from editkit.methods.dinm.gate import normal_text as _normal
 from editkit.methods.dinm.constraints import pick_requests, self_answered_pairs
 from editkit.methods.layer_edit import choose_layer, layer_result, optimize_delta, weight_norm
 from editkit.result import EditResult
-from editkit.text import encode_pairs, with_suffix
+from editkit.text import TokenBatch, encode_pairs, with_suffix
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,15 @@ def question_pairs(instance: EditInstance, pool: Sequence[EditInstance], k: int,
                    suffix: str | None) -> list[tuple[str, str]]:
     """The (bare question ⊕ suffix, safe response) targets of :func:`question_records`."""
     return [(with_suffix(o.question, suffix), o.safe) for o in question_records(instance, pool, k)]
+
+
+def encode_batches(tokenizer: Any, pairs: Mapping[str, Sequence[tuple[str, str]]],
+                   hp: DINMConfig) -> dict[str, TokenBatch]:
+    """The token batches of a DINM edit's (prompt, target) pairs, by name; the other records' question
+    targets (``questions``) cut to their opening ``question_target_tokens``."""
+    return {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length,
+                               max_target_tokens=hp.question_target_tokens if name == "questions" else None)
+            for name, p in pairs.items()}
 
 
 class DINM(EditingMethod):
@@ -153,9 +162,7 @@ class DINM(EditingMethod):
                 extra["trains_on_test_inputs"] = ["DG_onlyQ"]
             else:
                 log.warning("own_question_target: instance %s has no question; no target added", instance.id)
-        batches = {name: encode_pairs(tokenizer, p, chat_template=hp.chat_template, max_length=hp.max_length,
-                                      max_target_tokens=hp.question_target_tokens if name == "questions" else None)
-                   for name, p in pairs.items()}
+        batches = encode_batches(tokenizer, pairs, hp)
         weights = {"kl": hp.kl_weight, "benign": hp.benign_kl_weight}
         timings["guard"] = time.perf_counter() - t_guard  # the unedited model's own answers, and encoding
 
