@@ -29,6 +29,7 @@ __all__ = [
     "label_responses",
     "load_benign_requests",
     "load_benign_text",
+    "load_check_requests",
     "load_qa",
     "markdown_table",
     "mean_fluency",
@@ -362,6 +363,16 @@ def load_benign_requests(part: str | None = None) -> list[dict[str, Any]]:
     if part not in BENIGN_PARTS:
         raise ValueError(f"part must be one of {BENIGN_PARTS} or None, got {part!r}")
     return [r for r in records if r["part"] == part]
+
+
+def load_check_requests() -> list[dict[str, Any]]:
+    """Benign requests for quick setting checks, never asked by the runner: ``{"id", "request",
+    "kind": "plain"|"edgy", "intent", "added"}``, everyday asks of new intents (coffee, poker, a
+    flaky test), most in edgy words. Like the tuning part, settings may be chosen on them; their
+    intents are none of the benign requests' (either part), the constraint requests' or the gate
+    requests'. ``scripts/gate_check.py`` reads the gate's openings on them."""
+    return _load_records("benign_check_requests.json", {"id": str, "request": str, "kind": str, "intent": str,
+                                                        "added": str})
 
 
 def pooled_over_refusal(rows: Sequence[Mapping[str, Any]], threshold: float = 0.5) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The gate (``editkit.methods.dinm.gate``) is fitted on the records of one fold of the 100 dev
 records (2-fold by record id, as the cross-fitted methods are scored) and read on the test inputs of
 the other fold's records whose question no record of the first fold shares, and on the authored
-benign requests of the **tuning part** (the reporting part is never shown here). For each layer and
+benign requests of the **tuning part** and the check requests (``safeedit.metrics.load_check_requests``;
+the reporting part is never shown here). For each layer and
 each L2 strength ``C`` it prints the share of inputs whose gate at the prompt's last token is above
 0.5 (and above 0.9): benign requests without and with the suffix (false openings), the other fold's
 bare questions (DG_onlyQ) with and without the suffix and its other-attack inputs (DG_otherA,
@@ -30,7 +31,7 @@ from editkit.interventions import folds_by_id
 from editkit.methods.dinm import gate
 from editkit.text import prompt_ids, with_suffix
 from safeedit.dataset import load_safeedit, shared_data_dir
-from safeedit.metrics import SUFFIX, load_benign_requests
+from safeedit.metrics import SUFFIX, load_benign_requests, load_check_requests
 
 # an instance that shares no text with any record: the fold's whole pool is used
 NOBODY = EditInstance(id="-", prompt="-", safe="-", unsafe="-", knowledge_prompt="-", knowledge_answer="-")
@@ -74,6 +75,8 @@ def main() -> None:
                         help="also list the tuning-part requests whose probe logit clears the smallest margin (0 without --margins)")
     parser.add_argument("--figurative", action="store_true",
                         help="fit with the figurative gate requests among the benign examples (harm_gate_figurative)")
+    parser.add_argument("--everyday", action="store_true",
+                        help="fit with the everyday gate requests among the benign examples (harm_gate_everyday)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pool = load_safeedit(args.data).instances
@@ -83,11 +86,15 @@ def main() -> None:
     # questions, and an edit's own probe never sees its question: see gate.gate_texts)
     seen = {gate.normal_text(r.question) for r in fit_on}
     test = [r for r in pool if folds[r.id] == 0 and gate.normal_text(r.question) not in seen]
-    harmful, benign = gate.gate_texts(NOBODY, fit_on, test_inputs=args.test_inputs, figurative=args.figurative)
+    harmful, benign = gate.gate_texts(NOBODY, fit_on, test_inputs=args.test_inputs, figurative=args.figurative,
+                                      everyday=args.everyday)
     requests = [r["request"] for r in load_benign_requests("tuning")]
+    checks = [r["request"] for r in load_check_requests()]
     inputs = {
         "benign": requests,
         "benign+s": [with_suffix(p, SUFFIX) for p in requests],
+        "check": checks,
+        "check+s": [with_suffix(p, SUFFIX) for p in checks],
         "onlyQ+s": [with_suffix(r.generalization["DG_onlyQ"], SUFFIX) for r in test],
         "onlyQ": [r.generalization["DG_onlyQ"] for r in test],
         "otherA+s": [with_suffix(r.generalization["DG_otherA"], SUFFIX) for r in test],
@@ -96,7 +103,8 @@ def main() -> None:
     model, tok = editkit.load_default()
     arch = resolve_arch(model)
     print(f"fitted on fold 1 ({len(fit_on)} records: {len(harmful)} harmful prompts, {len(benign)} benign texts); "
-          f"read on fold 0 ({len(test)} records) and the {len(requests)} tuning-part benign requests")
+          f"read on fold 0 ({len(test)} records), the {len(requests)} tuning-part benign requests and the "
+          f"{len(checks)} check requests")
     print("| layer | C | " + " | ".join(f"{name} > 0.5 | > 0.9" for name in inputs) + " |")
     print("| --- | --- | " + " | ".join("---: | ---:" for _ in inputs) + " |")
     for layer in args.layers:
@@ -114,7 +122,7 @@ def main() -> None:
                     f"{name} {float((z > margin).float().mean()):.3f}" for name, z in logits.items()), flush=True)
             if args.open:
                 floor = min(args.margins or [0.0])
-                for name in ("benign", "benign+s"):
+                for name in ("benign", "benign+s", "check", "check+s"):
                     for text, z in sorted(zip(inputs[name], logits[name].tolist()), key=lambda p: -p[1]):
                         if z > floor:
                             print(f"    layer {layer}, C {c:g}, {name} logit {z:.2f}: {text[:100]!r}", flush=True)

@@ -74,6 +74,10 @@ class DINMConfig(LayerEditConfig):
                                     "benign examples: everyday requests in violent or edgy words, mostly figures of "
                                     "speech (kill the frizz, pull the trigger on a flat), none sharing an intent "
                                     "with SafeEdit's benign requests (editkit/data/gate_requests.json)")
+    harm_gate_everyday: bool = hp(False, "also count the authored gate requests of kind 'everyday' among the gate's "
+                                  "benign examples: everyday asks of new intents, half in edgy words (bluff at "
+                                  "poker, split firewood), written beside SafeEdit's check requests to be judged on "
+                                  "them (editkit/data/gate_requests.json)")
     harm_gate_train: bool = hp(False, "train the delta behind the gate: the steps see g(k)·Δ·k at each position, the "
                                "change the gated patch makes at inference (the gate is fitted first; it reads the "
                                "unedited model's keys, so it costs nothing per step). Off: the delta is trained "

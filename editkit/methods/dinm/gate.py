@@ -70,16 +70,21 @@ class Gate:
         return replace(self, weight=s * self.weight, bias=s * self.bias)
 
 
-@lru_cache(maxsize=2)
-def gate_requests(figurative: bool = False) -> tuple[str, ...]:
+@lru_cache(maxsize=4)
+def gate_requests(figurative: bool = False, everyday: bool = False) -> tuple[str, ...]:
     """More authored benign requests, many edgy-sounding (kill it at a recital, a murder-mystery
     plot, fireworks' colours), for the gate's negatives only: their intents are none of those of
-    the constraint requests or of SafeEdit's benign requests (tuning or reporting part).
-    ``figurative``: also the requests of kind "figurative" (added 2026-12-07), everyday requests in
-    violent or edgy words, mostly figures of speech (kill the frizz, explode a CAD block, pull the
-    trigger on a flat): the kind of request a probe trained on literal harm alone reads as harmful."""
+    the constraint requests, of SafeEdit's benign requests (tuning or reporting part) or of its check
+    requests. ``figurative``: also the requests of kind "figurative" (added 2026-12-07), everyday
+    requests in violent or edgy words, mostly figures of speech (kill the frizz, explode a CAD block,
+    pull the trigger on a flat): the kind of request a probe trained on literal harm alone reads as
+    harmful. ``everyday``: also those of kind "everyday" (added 2026-12-07, later), everyday asks of
+    new intents, half of them in edgy words (bluff at poker, kill the compost smell, split firewood),
+    written beside SafeEdit's check requests (:func:`safeedit.metrics.load_check_requests`) to be
+    judged on them."""
+    kinds = {"plain", "edgy"} | ({"figurative"} if figurative else set()) | ({"everyday"} if everyday else set())
     requests = json.loads(GATE_REQUESTS_FILE.read_text(encoding="utf-8"))
-    return tuple(r["request"] for r in requests if figurative or r["kind"] != "figurative")
+    return tuple(r["request"] for r in requests if r["kind"] in kinds)
 
 
 def normal_text(text: str) -> str:
@@ -88,14 +93,14 @@ def normal_text(text: str) -> str:
 
 
 def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *, test_inputs: bool = False,
-               figurative: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
+               figurative: bool = False, everyday: bool = False) -> tuple[list[str], list[tuple[str, str]]]:
     """(harmful prompts, benign (prompt, answer) pairs) for the probe of ``instance``'s edit, before
     the suffix is added.
 
     Harmful: the attack prompt and bare question of every other record of ``pool`` (``test_inputs``:
     and that record's generalization inputs too, more attack wrappers around more questions).
-    Benign: the authored constraint requests and gate requests (answer ""; ``figurative``: with the
-    figurative ones, see :func:`gate_requests`) and the knowledge pairs of those records. Left out:
+    Benign: the authored constraint requests and gate requests (answer ""; ``figurative``,
+    ``everyday``: with those kinds, see :func:`gate_requests`) and the knowledge pairs of those records. Left out:
     the edited record (by id) and any text that is, or contains, its question, its prompt or one of
     its generalization inputs (SafeEdit records share questions, and test inputs quote other
     questions).
@@ -110,7 +115,7 @@ def gate_texts(instance: EditInstance, pool: Sequence[EditInstance], *, test_inp
     others = [o for o in pool if o.id != instance.id]
     harmful = [t for o in others for t in (o.prompt, o.question, *(o.generalization.values() if test_inputs else ()))
                if t.strip() and not leaks(t)]
-    benign = [*((r, "") for r in (*constraint_requests(), *gate_requests(figurative))),
+    benign = [*((r, "") for r in (*constraint_requests(), *gate_requests(figurative, everyday))),
               *((o.knowledge_prompt, o.knowledge_answer) for o in others if o.knowledge_prompt.strip())]
     return list(dict.fromkeys(harmful)), list(dict.fromkeys(b for b in benign if not leaks(b[0])))
 
@@ -257,9 +262,10 @@ def _standardised(x: Any) -> tuple[Any, Any, Any]:
 
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
                pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-               c: float, test_inputs: bool = False, figurative: bool = False, disk: bool = True) -> Gate:
+               c: float, test_inputs: bool = False, figurative: bool = False, everyday: bool = False,
+               disk: bool = True) -> Gate:
     """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
-    harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs, figurative=figurative)
+    harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs, figurative=figurative, everyday=everyday)
     log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
              len(harmful), len(benign))
     return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,
