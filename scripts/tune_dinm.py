@@ -12,6 +12,11 @@ request of the tuning part (``--benign-every``; without and with the suffix), co
 the judge's refusal head. Benign requests of the held-out reporting part are never shown here:
 
     python scripts/tune_dinm.py --quick --cases 4 --vanilla --set "" --set benign_constraint=8,benign_kl_weight=5
+
+``--check`` asks the check requests instead (all of them, answers of ``--max-new-tokens``), and
+lists the suffixed ones refused, per setting:
+
+    python scripts/tune_dinm.py --quick --check --cases 16 --vanilla --base smollm2-135m-gated --set ""
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -34,17 +40,24 @@ def parse_setting(text: str) -> dict:
     return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in text.split(",") if item)}
 
 
-def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, benign_every: int = 5) -> str:
+def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, benign_every: int = 5,
+          check: bool = False, max_new_tokens: int = 20, counts: Counter | None = None) -> str:
     """Refusals of attack inputs and of benign requests after each case's edit (``--quick``).
-    A setting with ``constraint_pairs=k`` gets the first k records' knowledge pairs."""
-    benign = [b["request"] for b in metrics.load_benign_requests("tuning")[::benign_every]]
+    A setting with ``constraint_pairs=k`` gets the first k records' knowledge pairs. ``check``: the
+    check requests (all of them) instead of the tuning part's; ``counts`` gathers the refusals
+    per suffixed request."""
+    benign = ([b["request"] for b in metrics.load_check_requests()] if check
+              else [b["request"] for b in metrics.load_benign_requests("tuning")[::benign_every]])
 
-    def refused(prompts: list[str], **kwargs) -> int:
-        answers = editkit.generate(model, tok, prompts, max_new_tokens=20, batch_size=16, **kwargs)
-        return sum(p > 0.5 for p in judge.refusal(answers, prompts))
+    def refused(prompts: list[str], tally: bool = False, **kwargs) -> int:
+        answers = editkit.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16, **kwargs)
+        flags = [p > 0.5 for p in judge.refusal(answers, prompts)]
+        if tally and counts is not None:
+            counts.update(p for p, f in zip(prompts, flags) if f)
+        return sum(flags)
 
     def benign_refused() -> tuple[int, int]:
-        return refused(benign), refused(benign, suffix=SUFFIX)
+        return refused(benign), refused(benign, tally=True, suffix=SUFFIX)
 
     unedited = benign_refused() if hparams is None else None  # the same for every case
     attack = benign_plain = benign_suffix = 0
@@ -83,6 +96,9 @@ def main() -> None:
     parser.add_argument("--vanilla", action="store_true", help="also run the unedited model")
     parser.add_argument("--quick", action="store_true", help="20-token refusal counts instead of the full pipeline")
     parser.add_argument("--benign-every", type=int, default=5, help="--quick: every k-th over-refusal request")
+    parser.add_argument("--check", action="store_true",
+                        help="--quick: ask the check requests (safeedit.metrics.load_check_requests) instead, "
+                             "and list the suffixed ones refused")
     args = parser.parse_args()
 
     pool = load_safeedit(args.data).instances
@@ -100,7 +116,11 @@ def main() -> None:
         print("| setting | attack inputs refused | benign refused | benign refused (suffix) | layers | seconds |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, _, hparams in runs:
-            print(quick(model, tok, judge, pool, cases, label, hparams, args.benign_every), flush=True)
+            counts: Counter = Counter()
+            print(quick(model, tok, judge, pool, cases, label, hparams, args.benign_every, check=args.check,
+                        max_new_tokens=args.max_new_tokens if args.check else 20, counts=counts), flush=True)
+            for request, n in counts.most_common():
+                print(f"    {label}: refused with the suffix {n}x: {request[:90]!r}", flush=True)
         return
     summaries = {}
     for k, (label, method, hparams) in enumerate(runs):

@@ -95,6 +95,25 @@ def test_figurative_gate_requests_are_an_option_of_their_own(edited, pool, token
     assert result.metrics["gate_benign_texts"] == 2 * (len(constraint_requests()) + len(every) + 5)
 
 
+def test_everyday_gate_requests_are_an_option_of_their_own(edited, pool, tokenizer) -> None:
+    """harm_gate_everyday adds the everyday gate requests (and only those), apart from and beside
+    the figurative ones; an edit with both counts both (each without and with the suffix)."""
+    core = gate.gate_requests()
+    figurative = [r for r in gate.gate_requests(figurative=True) if r not in core]
+    everyday = [r for r in gate.gate_requests(everyday=True) if r not in core]
+    both = gate.gate_requests(figurative=True, everyday=True)
+    assert len(everyday) >= 25 and not set(everyday) & set(figurative)
+    assert set(both) == set(core) | set(figurative) | set(everyday)
+    _, plain = gate.gate_texts(edited, pool)
+    _, more = gate.gate_texts(edited, pool, everyday=True)
+    assert [b for b in more if b not in plain] == [(r, "") for r in everyday]
+    assert DINMConfig().harm_gate_everyday is False
+    model = tiny_model("llama")
+    result = editkit.edit(model, edited, tokenizer=tokenizer, constraint_pool=pool,
+                          hparams={**HP, "harm_gate_figurative": True, "harm_gate_everyday": True})
+    assert result.metrics["gate_benign_texts"] == 2 * (len(constraint_requests()) + len(both) + 5)
+
+
 def test_gate_separates_its_classes_and_scales_the_delta(edited, pool, tokenizer, snapshot, monkeypatch) -> None:
     """The gated patch changes the projection's output by g(k)·Δk per key: the gate read back from
     the patch, Δ the patch's delta; the probe fits its texts; the model is untouched by the edit."""
@@ -291,19 +310,24 @@ def test_sharpness_keeps_the_decision_and_hardens_it(edited, pool, tokenizer) ->
 
 def test_gate_requests_are_new_intents() -> None:
     """The gate's own benign requests share no intent with the constraint requests or with either
-    part of SafeEdit's benign requests (over-refusal is reported on the held-out part)."""
+    part of SafeEdit's benign requests (over-refusal is reported on the held-out part), nor do the
+    check requests with any of them."""
     import json
 
-    from safeedit.metrics import load_benign_requests
+    from safeedit.metrics import load_benign_requests, load_check_requests
 
     rows = json.loads(gate.GATE_REQUESTS_FILE.read_text(encoding="utf-8"))
-    assert len(rows) >= 40 and {r["kind"] for r in rows} == {"plain", "edgy", "figurative"}
+    assert len(rows) >= 40 and {r["kind"] for r in rows} == {"plain", "edgy", "figurative", "everyday"}
     from editkit.methods.dinm.constraints import REQUESTS_FILE
 
     constraint = json.loads(REQUESTS_FILE.read_text(encoding="utf-8"))
+    checks = load_check_requests()
     taken = {r["intent"] for r in load_benign_requests()} | {r["intent"] for r in constraint}
     assert not {r["intent"] for r in rows} & taken
     assert len({r["request"] for r in rows}) == len(rows)
+    # the check requests (settings are judged on them) share no intent with any of those either
+    assert not {r["intent"] for r in checks} & (taken | {r["intent"] for r in rows})
+    assert len({r["intent"] for r in checks}) == len(checks) >= 25
 
 
 def test_fixed_patch_settings_name_the_gate() -> None:

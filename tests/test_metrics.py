@@ -270,6 +270,20 @@ def test_benign_parts_are_split_by_intent_from_the_guard() -> None:
         M.load_benign_requests("held-out")
 
 
+def test_check_requests_are_apart_from_what_the_runner_asks() -> None:
+    """The check requests load with their fields, are none of the requests the runner asks (so a
+    run's over-refusal and its benign set digest are what they were), and keep edgy ones."""
+    from safeedit.runner import benign_set_digest
+
+    checks = M.load_check_requests()
+    asked = {r["request"] for r in M.load_benign_requests()}
+    assert len(checks) >= 25 and all(set(r) == {"id", "request", "kind", "intent", "added"} for r in checks)
+    assert not {r["request"] for r in checks} & asked
+    assert sum(r["kind"] == "edgy" for r in checks) >= 10 and len({r["id"] for r in checks}) == len(checks)
+    # the set the committed runs were asked (results/smollm2-135m/*/cases.*.jsonl, "benign_set")
+    assert benign_set_digest() == "7eba2ec5dabb"
+
+
 def test_pooled_over_refusal_counts_each_part_apart() -> None:
     reporting = [r["id"] for r in M.load_benign_requests("reporting")]
     tuning = [r["id"] for r in M.load_benign_requests("tuning")]
