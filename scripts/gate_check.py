@@ -29,6 +29,7 @@ from editkit.arch import decoder_layers, get_module, resolve_arch
 from editkit.instance import EditInstance
 from editkit.interventions import folds_by_id
 from editkit.methods.dinm import gate
+from editkit.methods.dinm.nullspace import render
 from editkit.text import prompt_ids, with_suffix
 from safeedit.dataset import load_safeedit, shared_data_dir
 from safeedit.metrics import SUFFIX, load_benign_requests, load_check_requests
@@ -75,6 +76,8 @@ def main() -> None:
                         help="also list the tuning-part requests whose probe logit clears the smallest margin (0 without --margins)")
     parser.add_argument("--figurative", action="store_true",
                         help="fit with the figurative gate requests among the benign examples (harm_gate_figurative)")
+    parser.add_argument("--opening", action="store_true",
+                        help="the tokens every prompt opens with as a group of negatives of their own (harm_gate_opening)")
     parser.add_argument("--everyday", action="store_true",
                         help="fit with the everyday gate requests among the benign examples (harm_gate_everyday)")
     args = parser.parse_args()
@@ -102,6 +105,8 @@ def main() -> None:
     }
     model, tok = editkit.load_default()
     arch = resolve_arch(model)
+    rendered = render(tok, requests, chat_template="auto", max_length=2048)
+    opening_len = gate.shared_opening(rendered)
     print(f"fitted on fold 1 ({len(fit_on)} records: {len(harmful)} harmful prompts, {len(benign)} benign texts); "
           f"read on fold 0 ({len(test)} records), the {len(requests)} tuning-part benign requests and the "
           f"{len(checks)} check requests")
@@ -112,11 +117,15 @@ def main() -> None:
                 for name, prompts in inputs.items()}
         for c in args.c:
             fitted = gate.fit_gate(model, tok, arch, layer, harmful, benign, suffix=SUFFIX, chat_template="auto",
-                                   max_length=2048, c=c, max_negatives=args.max_negatives)
+                                   max_length=2048, c=c, max_negatives=args.max_negatives, opening=args.opening)
             shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
                       for k in keys.values()]
             print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)
             logits = {name: k.float() @ fitted.weight + fitted.bias for name, k in keys.items()}
+            head = gate.sequence_keys(model, tok, arch, layer, rendered[:1], last_only=False)[0][:opening_len]
+            z = head.float() @ fitted.weight + fitted.bias
+            print(f"    layer {layer}, C {c:g}, the {opening_len} tokens every prompt opens with: highest logit "
+                  f"{float(z.max()):.2f} (token {int(z.argmax())})", flush=True)
             for margin in args.margins or ():
                 print(f"    layer {layer}, C {c:g}, logit > {margin:g}: " + ", ".join(
                     f"{name} {float((z > margin).float().mean()):.3f}" for name, z in logits.items()), flush=True)

@@ -114,6 +114,36 @@ def test_everyday_gate_requests_are_an_option_of_their_own(edited, pool, tokeniz
     assert result.metrics["gate_benign_texts"] == 2 * (len(constraint_requests()) + len(both) + 5)
 
 
+def test_shared_opening_counts_the_tokens_every_sequence_opens_with() -> None:
+    assert gate.shared_opening([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert gate.shared_opening([[1, 2], [1, 2, 3]]) == 2
+    assert gate.shared_opening([[7, 1], [8, 1]]) == 0 and gate.shared_opening([]) == 0
+
+
+def test_opening_negatives_shut_the_gate_where_every_prompt_is_the_same(edited, pool, tokenizer) -> None:
+    """harm_gate_opening: the keys of the tokens every prompt opens with (the chat template's
+    header) weigh as a group of negatives, so the gate is shut there; an edit passes the option on."""
+    model = tiny_model("llama")
+    arch = resolve_arch(model)
+    harmful, benign = gate.gate_texts(edited, pool)
+    ids = [prompt_ids(tokenizer, p, "auto") for p, _ in benign]
+    n = gate.shared_opening(ids)
+    assert n >= 3  # <|im_start|>user\n at least
+    head = gate.sequence_keys(model, tokenizer, arch, LAYER, ids[:1], last_only=False)[0][:n]
+    fits = {o: gate.fit_gate(model, tokenizer, arch, LAYER, harmful, benign, suffix=SUFFIX, chat_template="auto",
+                             max_length=512, opening=o) for o in (False, True)}
+    logits = {o: head @ f.weight + f.bias for o, f in fits.items()}
+    assert float(logits[True].max()) < float(logits[False].max())
+    assert float(fits[True](head).max()) < 0.5
+    assert fits[True].n_harmful == fits[False].n_harmful and fits[True].accuracy > 0.7
+    assert DINMConfig().harm_gate_opening is False
+    gates = [editkit.edit(tiny_model("llama"), edited, tokenizer=tokenizer, constraint_pool=pool,
+                          hparams={**HP, "harm_gate_opening": o}).patch.gates for o in (False, True)]
+    (name, shut), = gates[1].items()
+    opened = {o: float(torch.sigmoid(head @ g[name]["weight"] + g[name]["bias"]).max()) for o, g in zip((False, True), gates)}
+    assert opened[True] < 0.5 and opened[True] < opened[False]
+
+
 def test_gate_separates_its_classes_and_scales_the_delta(edited, pool, tokenizer, snapshot, monkeypatch) -> None:
     """The gated patch changes the projection's output by g(k)·Δk per key: the gate read back from
     the patch, Δ the patch's delta; the probe fits its texts; the model is untouched by the edit."""

@@ -78,6 +78,10 @@ class DINMConfig(LayerEditConfig):
                                   "benign examples: everyday asks of new intents, half in edgy words (bluff at "
                                   "poker, split firewood), written beside SafeEdit's check requests to be judged on "
                                   "them (editkit/data/gate_requests.json)")
+    harm_gate_opening: bool = hp(False, "count the tokens every prompt opens with (the chat template's system turn "
+                                 "and user header; the same keys in every prompt) as a group of the gate's "
+                                 "negatives of their own, weighing as much as the benign prompts' last tokens, so "
+                                 "the gate stays shut there: open, it adds the delta to every input alike")
     harm_gate_train: bool = hp(False, "train the delta behind the gate: the steps see g(k)·Δ·k at each position, the "
                                "change the gated patch makes at inference (the gate is fitted first; it reads the "
                                "unedited model's keys, so it costs nothing per step). Off: the delta is trained "

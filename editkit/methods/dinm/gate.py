@@ -194,9 +194,23 @@ def last_keys(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, promp
     return torch.stack(sequence_keys(model, tokenizer, arch, layer, ids, last_only=True, disk=disk))
 
 
+def shared_opening(sequences: Sequence[Sequence[int]]) -> int:
+    """How many tokens every sequence opens with (the chat template's system turn and the user
+    turn's header, when the prompts are rendered with one): the same ids at the same positions, so
+    under a causal model the same keys in every prompt."""
+    if not sequences:
+        return 0
+    n = min(len(s) for s in sequences)
+    first = sequences[0]
+    for t in range(n):
+        if any(s[t] != first[t] for s in sequences):
+            return t
+    return n
+
+
 def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmful: Sequence[str],
              benign: Sequence[tuple[str, str]], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-             c: float = 0.1, max_negatives: int = MAX_NEGATIVES, disk: bool = True) -> Gate:
+             c: float = 0.1, max_negatives: int = MAX_NEGATIVES, opening: bool = False, disk: bool = True) -> Gate:
     """A logistic probe, harmful (1) vs benign (0): the positives are the last-token keys of the
     ``harmful`` prompts, the negatives the keys at *every* token of the ``benign`` (prompt, answer)
     sequences (prompt and answer), each prompt without and (``suffix`` given) with the suffix. The
@@ -205,7 +219,14 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     tokens, and every other benign token (a token prefix seen before, e.g. the chat template's
     shared opening, once; at most ``max_negatives`` of them, a fixed draw). Features standardised
     (fp32: the fit is a chain of matrix-vector products over the keys), L2 strength 1/``c``; the
-    standardisation is folded into the weights. ``accuracy`` is the weighted one."""
+    standardisation is folded into the weights. ``accuracy`` is the weighted one.
+
+    ``opening``: the tokens every prompt opens with (:func:`shared_opening`) are a fourth group of
+    negatives, weighing as much as each of the others, instead of one key each among the other
+    tokens. Their keys are the same in every prompt, harmful or benign, so a gate open there adds
+    the delta to every input alike; on SmolLM2 the probe fitted without them opened (0.95, layer 13)
+    on the newline that ends the user turn's header, a token much like the last one of a prompt
+    (the newline after the assistant's header) that harmful prompts end on."""
     import numpy as np
 
     try:
@@ -227,15 +248,20 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
     # the prompt's last token (where the answer is decided) and the other tokens, as two groups
     last = torch.stack([k[e] for k, e in zip(every, ends)])
-    rest = torch.cat([k[keep] for k, keep in zip(every, _new_positions(sequences, ends))])
+    kept = _new_positions(sequences, ends)
+    shared = shared_opening(sequences) if opening else 0
+    if shared:  # the opening's keys once each (the first sequence's), apart from the other tokens
+        head = every[0][:shared]
+        kept[0] = [t for t in kept[0] if t >= shared]
+    rest = torch.cat([k[keep] for k, keep in zip(every, kept)])
     if len(rest) > max_negatives:
         rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(0))[:max_negatives]]
-    x = torch.cat([positives, last, rest]).float().numpy()
-    y = np.r_[np.ones(len(positives)), np.zeros(len(last) + len(rest))]
+    groups = [positives, last, *([head] if shared else []), rest]
+    x = torch.cat(groups).float().numpy()
+    y = np.r_[np.ones(len(positives)), np.zeros(len(x) - len(positives))]
     # each group weighs the same in the loss: harmful prompts' last tokens, benign prompts' last
-    # tokens, every other benign token
-    w = np.r_[np.full(len(positives), 1 / len(positives)), np.full(len(last), 1 / len(last)),
-              np.full(len(rest), 1 / len(rest))] * len(x) / 3
+    # tokens, (opening: the shared opening's tokens,) every other benign token
+    w = np.concatenate([np.full(len(g), 1 / len(g)) for g in groups]) * len(x) / len(groups)
     z, mean, scale = _standardised(x)
     probe = LogisticRegression(C=c, max_iter=5000).fit(z, y, sample_weight=w)
     weight = probe.coef_[0].astype(np.float64) / scale
@@ -263,10 +289,10 @@ def _standardised(x: Any) -> tuple[Any, Any, Any]:
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
                pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
                c: float, test_inputs: bool = False, figurative: bool = False, everyday: bool = False,
-               disk: bool = True) -> Gate:
+               opening: bool = False, disk: bool = True) -> Gate:
     """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
     harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs, figurative=figurative, everyday=everyday)
     log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
              len(harmful), len(benign))
     return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,
-                    max_length=max_length, c=c, disk=disk)
+                    max_length=max_length, c=c, opening=opening, disk=disk)
