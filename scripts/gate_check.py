@@ -78,6 +78,8 @@ def main() -> None:
                         help="fit with the figurative gate requests among the benign examples (harm_gate_figurative)")
     parser.add_argument("--opening", action="store_true",
                         help="the tokens every prompt opens with as a group of negatives of their own (harm_gate_opening)")
+    parser.add_argument("--answers", type=int, default=0,
+                        help="the unedited model's answers of this many tokens after the authored benign requests (harm_gate_answers)")
     parser.add_argument("--everyday", action="store_true",
                         help="fit with the everyday gate requests among the benign examples (harm_gate_everyday)")
     args = parser.parse_args()
@@ -117,7 +119,8 @@ def main() -> None:
                 for name, prompts in inputs.items()}
         for c in args.c:
             fitted = gate.fit_gate(model, tok, arch, layer, harmful, benign, suffix=SUFFIX, chat_template="auto",
-                                   max_length=2048, c=c, max_negatives=args.max_negatives, opening=args.opening)
+                                   max_length=2048, c=c, max_negatives=args.max_negatives, opening=args.opening,
+                                   answers=args.answers)
             shares = [f"{float((fitted(k) > 0.5).float().mean()):.3f} | {float((fitted(k) > 0.9).float().mean()):.3f}"
                       for k in keys.values()]
             print(f"| {layer} | {c:g} | " + " | ".join(shares) + " |", flush=True)

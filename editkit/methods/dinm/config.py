@@ -82,6 +82,10 @@ class DINMConfig(LayerEditConfig):
                                  "and user header; the same keys in every prompt) as a group of the gate's "
                                  "negatives of their own, weighing as much as the benign prompts' last tokens, so "
                                  "the gate stays shut there: open, it adds the delta to every input alike")
+    harm_gate_answers: int = hp(0, "follow each authored benign request among the gate's negatives (constraint and "
+                                "gate requests, without and with the suffix) by the unedited model's greedy answer of "
+                                "at most this many tokens, whose tokens join the negatives: the gate reads every "
+                                "token the model writes (0: the requests alone). Generated once per model and cached")
     harm_gate_train: bool = hp(False, "train the delta behind the gate: the steps see g(k)·Δ·k at each position, the "
                                "change the gated patch makes at inference (the gate is fitted first; it reads the "
                                "unedited model's keys, so it costs nothing per step). Off: the delta is trained "
@@ -102,6 +106,7 @@ class DINMConfig(LayerEditConfig):
         self._check(self.question_targets >= 0, f"question_targets must be >= 0, got {self.question_targets}")
         self._check(self.harm_gate_c > 0, f"harm_gate_c must be > 0, got {self.harm_gate_c}")
         self._check(self.harm_gate or not self.harm_gate_train, "harm_gate_train needs harm_gate: true")
+        self._check(self.harm_gate_answers >= 0, f"harm_gate_answers must be >= 0, got {self.harm_gate_answers}")
         self._check(self.harm_gate_sharpness > 0, f"harm_gate_sharpness must be > 0, got {self.harm_gate_sharpness}")
         self._check(math.isfinite(self.harm_gate_margin), f"harm_gate_margin must be finite, got {self.harm_gate_margin}")
         self._check(self.question_target_tokens is None or self.question_target_tokens >= 1,

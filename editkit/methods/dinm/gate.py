@@ -46,6 +46,8 @@ GATE_REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "gate_reques
 _KEYS = ModelCache(1 << 15)  # model -> (layer, weights digest, last only, ids digest) -> keys
 MAX_NEGATIVES = 6000  # benign token keys a probe is fitted on (a fixed draw beyond that)
 _DISK = DiskStore("gatekeys")
+_ANSWERS = ModelCache(1 << 14)  # model -> (weights digest, chat mode, tokens, prompt) -> answer
+_DISK_ANSWERS = DiskStore("gateanswers")
 
 
 @dataclass(frozen=True)
@@ -208,9 +210,42 @@ def shared_opening(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def unedited_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, chat_template: ChatMode,
+                     max_new_tokens: int, disk: bool = True) -> list[str]:
+    """The model's greedy answers of at most ``max_new_tokens`` tokens to ``prompts``, kept per
+    prompt in memory and on disk under the digest of all its weights (a gate is fitted on the
+    unedited model, so the edits of a run generate them once)."""
+    from editkit.generation.api import generate
+
+    digest = None if cache_blocker(model) is not None else weights_digest(model)
+    names = [(digest, str(chat_template), max_new_tokens, p) for p in prompts]
+    found: list[str | None] = [None] * len(prompts)
+    if digest is not None:
+        for n, name in enumerate(names):
+            found[n] = _ANSWERS.get(model, name)
+            if found[n] is None and disk:
+                stored = _DISK_ANSWERS.read_json(list(name))
+                if isinstance(stored, str):
+                    found[n] = stored
+                    _ANSWERS.put(model, name, stored)
+    missing = [n for n, a in enumerate(found) if a is None]
+    if missing:
+        log.info("generating the unedited model's answers to %d benign requests for the gate", len(missing))
+        texts = generate(model, tokenizer, [prompts[n] for n in missing], max_new_tokens=max_new_tokens,
+                         batch_size=16, chat_template=chat_template)
+        for n, text in zip(missing, texts):
+            found[n] = text
+            if digest is not None:
+                _ANSWERS.put(model, names[n], text)
+                if disk:
+                    _DISK_ANSWERS.write_json(list(names[n]), text)
+    return found  # type: ignore[return-value]
+
+
 def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmful: Sequence[str],
              benign: Sequence[tuple[str, str]], *, suffix: str | None, chat_template: ChatMode, max_length: int,
-             c: float = 0.1, max_negatives: int = MAX_NEGATIVES, opening: bool = False, disk: bool = True) -> Gate:
+             c: float = 0.1, max_negatives: int = MAX_NEGATIVES, opening: bool = False, answers: int = 0,
+             disk: bool = True) -> Gate:
     """A logistic probe, harmful (1) vs benign (0): the positives are the last-token keys of the
     ``harmful`` prompts, the negatives the keys at *every* token of the ``benign`` (prompt, answer)
     sequences (prompt and answer), each prompt without and (``suffix`` given) with the suffix. The
@@ -226,7 +261,12 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     tokens. Their keys are the same in every prompt, harmful or benign, so a gate open there adds
     the delta to every input alike; on SmolLM2 the probe fitted without them opened (0.95, layer 13)
     on the newline that ends the user turn's header, a token much like the last one of a prompt
-    (the newline after the assistant's header) that harmful prompts end on."""
+    (the newline after the assistant's header) that harmful prompts end on.
+
+    ``answers``: a benign prompt given without an answer (the authored requests) is followed by the
+    unedited model's greedy answer of at most this many tokens (:func:`unedited_answers`), whose
+    tokens join the other negatives: the gate reads every token the model writes, and on SmolLM2 it
+    opened on some tokens of plain answers (an explanation of climate) fitted without them."""
     import numpy as np
 
     try:
@@ -242,8 +282,13 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     positives = last_keys(model, tokenizer, arch, layer, [with_suffix(t, s) for s in variants for t in harmful],
                           chat_template=chat_template, max_length=max_length, disk=disk)
     prompts = [with_suffix(p, s) for s in variants for p, _ in benign]
-    answers = [a for _ in variants for _, a in benign]
-    sequences, ends = _sequences(tokenizer, list(zip(prompts, answers)), chat_template=chat_template,
+    replies = [a for _ in variants for _, a in benign]
+    if answers:
+        ask = [n for n, a in enumerate(replies) if not a]
+        for n, text in zip(ask, unedited_answers(model, tokenizer, [prompts[n] for n in ask], chat_template=chat_template,
+                                                 max_new_tokens=answers, disk=disk)):
+            replies[n] = text
+    sequences, ends = _sequences(tokenizer, list(zip(prompts, replies)), chat_template=chat_template,
                                  max_length=max_length)
     every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
     # the prompt's last token (where the answer is decided) and the other tokens, as two groups
@@ -289,10 +334,10 @@ def _standardised(x: Any) -> tuple[Any, Any, Any]:
 def layer_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, instance: EditInstance,
                pool: Sequence[EditInstance], *, suffix: str | None, chat_template: ChatMode, max_length: int,
                c: float, test_inputs: bool = False, figurative: bool = False, everyday: bool = False,
-               opening: bool = False, disk: bool = True) -> Gate:
+               opening: bool = False, answers: int = 0, disk: bool = True) -> Gate:
     """The gate of ``instance``'s edit at ``layer``, fitted on ``pool`` (see :func:`gate_texts`)."""
     harmful, benign = gate_texts(instance, pool, test_inputs=test_inputs, figurative=figurative, everyday=everyday)
     log.info("fitting the harmfulness gate of layer %d on %d harmful prompts and %d benign texts", layer,
              len(harmful), len(benign))
     return fit_gate(model, tokenizer, arch, layer, harmful, benign, suffix=suffix, chat_template=chat_template,
-                    max_length=max_length, c=c, opening=opening, disk=disk)
+                    max_length=max_length, c=c, opening=opening, answers=answers, disk=disk)

@@ -188,7 +188,7 @@ class DINM(EditingMethod):
                                      chat_template=hp.chat_template, max_length=hp.max_length, c=hp.harm_gate_c,
                                      test_inputs=hp.harm_gate_test_inputs, figurative=hp.harm_gate_figurative,
                                      everyday=hp.harm_gate_everyday, opening=hp.harm_gate_opening,
-                                     disk=hp.disk_cache)
+                                     answers=hp.harm_gate_answers, disk=hp.disk_cache)
             own = gate.last_keys(model, tokenizer, arch, layer, [pairs["edit"][0][0]], chat_template=hp.chat_template,
                                  max_length=hp.max_length, disk=hp.disk_cache)
             fitted = fitted.shifted(hp.harm_gate_margin).sharpened(hp.harm_gate_sharpness)
