@@ -10,7 +10,9 @@ steps, so it must stay shut on every token of benign text, not only where the an
 its positives are the last-token keys of harmful prompts (other records' attack prompts and bare
 questions, with ``harm_gate_test_inputs`` their test inputs too), its negatives the keys at every
 token of benign sequences (the authored constraint and gate requests, other records' knowledge
-prompts with their answers), each prompt without and with the suffix (:func:`fit_gate`). The
+prompts with their answers; ``harm_gate_answers``: the requests with the unedited model's answers),
+each prompt without and with the suffix (:func:`fit_gate`); ``harm_gate_opening`` makes the tokens
+every prompt opens with a group of their own, so the gate is shut where all inputs are alike. The
 patch carries the gate (:class:`editkit.patch.Patch` ``gates``); no plain checkpoint can hold it.
 
 The harmful examples come from the caller's ``constraint_pool`` (records other than the edited
