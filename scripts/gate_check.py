@@ -9,14 +9,17 @@ each L2 strength ``C`` it prints the share of inputs whose gate at the prompt's 
 0.5 (and above 0.9): benign requests without and with the suffix (false openings), the other fold's
 bare questions (DG_onlyQ) with and without the suffix and its other-attack inputs (DG_otherA,
 DG_otherAQ) with the suffix (recall). ``--positions`` also prints the mean gate over every other
-token of those prompts and over the tokens of the unedited model's 20-token answers (the gate reads
-every token, so it must stay shut there on benign text).
+token of those prompts and over the tokens of the unedited model's answers (``--answer-tokens``,
+20), and how many prompts have such a token above 0.1, for the gate shifted by the first margin and
+sharpened by ``--sharpness`` (the gate reads every token, so it must stay shut there on benign text).
 
     python scripts/gate_check.py --layers 13 29 --c 1 0.1 0.01 0.001
     python scripts/gate_check.py --layers 13 29 --positions
     python scripts/gate_check.py --layers 13 --test-inputs
     python scripts/gate_check.py --layers 13 --test-inputs --margins 0 0.25 0.5 1   # harm_gate_margin
     python scripts/gate_check.py --layers 13 --test-inputs --figurative --margins 0 0.25 --open
+    python scripts/gate_check.py --layers 13 --test-inputs --figurative --margins 0.25 --sharpness 4 \
+        --positions --answer-tokens 48 [--opening] [--answers 48]   # the sixth version's gate, per token
 """
 from __future__ import annotations
 
@@ -38,11 +41,13 @@ from safeedit.metrics import SUFFIX, load_benign_requests, load_check_requests
 NOBODY = EditInstance(id="-", prompt="-", safe="-", unsafe="-", knowledge_prompt="-", knowledge_answer="-")
 
 
-def token_gates(model, tok, arch, layer: int, fitted: gate.Gate, prompts: list[str]) -> tuple[float, float]:
-    """Mean gate over the prompts' tokens before the last, and over the unedited model's answers' tokens."""
-    answers = editkit.generate(model, tok, prompts, max_new_tokens=20, batch_size=16)
+def token_gates(model, tok, arch, layer: int, fitted: gate.Gate, prompts: list[str],
+                answer_tokens: int = 20) -> dict[str, float]:
+    """The gate over each prompt's tokens before the last and over the unedited model's answer's
+    tokens: the means over all those tokens, and the share of prompts with one such token above 0.1."""
+    answers = editkit.generate(model, tok, prompts, max_new_tokens=answer_tokens, batch_size=16)
     module = get_module(decoder_layers(model, arch)[layer], arch.mlp_out)
-    body, answer = [], []
+    body, answer, body_max, answer_max = [], [], [], []
     for prompt, text in zip(prompts, answers):
         ids = prompt_ids(tok, prompt, "auto")
         full = ids + tok(text, add_special_tokens=False).input_ids
@@ -56,7 +61,11 @@ def token_gates(model, tok, arch, layer: int, fitted: gate.Gate, prompts: list[s
         g = fitted(seen[0])
         body.append(g[: len(ids) - 1])
         answer.append(g[len(ids):])
-    return float(torch.cat(body).mean()), float(torch.cat(answer).mean())
+        body_max.append(float(g[: len(ids) - 1].max()))
+        answer_max.append(float(g[len(ids):].max()) if len(full) > len(ids) else 0.0)
+    return {"body": float(torch.cat(body).mean()), "answer": float(torch.cat(answer).mean()),
+            "body_open": sum(m > 0.1 for m in body_max) / len(prompts),
+            "answer_open": sum(m > 0.1 for m in answer_max) / len(prompts)}
 
 
 def main() -> None:
@@ -65,6 +74,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[13, 29])
     parser.add_argument("--c", type=float, nargs="+", default=[0.1])
     parser.add_argument("--positions", action="store_true", help="also the mean gate on other tokens and answers")
+    parser.add_argument("--sharpness", type=float, default=1.0,
+                        help="--positions: read the gate sharpened by this (harm_gate_sharpness), shifted by the "
+                             "first of --margins")
+    parser.add_argument("--answer-tokens", type=int, default=20, help="--positions: the unedited model's answers' length")
     parser.add_argument("--max-negatives", type=int, default=gate.MAX_NEGATIVES,
                         help="benign token keys the probe is fitted on (a fixed draw beyond that)")
     parser.add_argument("--margins", type=float, nargs="+", default=None,
@@ -139,10 +152,12 @@ def main() -> None:
                         if z > floor:
                             print(f"    layer {layer}, C {c:g}, {name} logit {z:.2f}: {text[:100]!r}", flush=True)
             if args.positions:
-                for name in ("benign", "benign+s", "onlyQ+s"):
-                    body, answer = token_gates(model, tok, arch, layer, fitted, inputs[name])
-                    print(f"    layer {layer}, C {c:g}, {name}: mean gate on other prompt tokens {body:.3f}, "
-                          f"on answer tokens {answer:.3f}", flush=True)
+                read = fitted.shifted((args.margins or [0.0])[0]).sharpened(args.sharpness)
+                for name in ("benign", "benign+s", "check+s", "onlyQ+s"):
+                    t = token_gates(model, tok, arch, layer, read, inputs[name], args.answer_tokens)
+                    print(f"    layer {layer}, C {c:g}, {name}: mean gate on other prompt tokens {t['body']:.3f} "
+                          f"(a token above 0.1 in {t['body_open']:.2f} of the prompts), on answer tokens "
+                          f"{t['answer']:.3f} (above 0.1 in {t['answer_open']:.2f})", flush=True)
 
 
 if __name__ == "__main__":
