@@ -26,11 +26,9 @@ HP = dict(steps=3, lr=1e-2, c_edit=1.0, layer=LAYER, harm_gate=True)
 @pytest.fixture(autouse=True)
 def fresh_cache():
     gate._KEYS.clear()
-    gate._ANSWERS.clear()
     nullspace.clear_cache()
     yield
     gate._KEYS.clear()
-    gate._ANSWERS.clear()
 
 
 def _record(rid: str, question: str, **kw) -> EditInstance:
@@ -149,9 +147,9 @@ def test_opening_negatives_shut_the_gate_where_every_prompt_is_the_same(edited, 
 def test_answer_negatives_are_the_unedited_models_answers_generated_once(edited, pool, tokenizer, monkeypatch,
                                                                            tmp_path) -> None:
     """harm_gate_answers: the authored requests are followed by the unedited model's greedy answers
-    (editkit.generate's; the probe changes with them), generated once per model: again from
+    (the guard's self-answers; the probe changes with them), generated once per model: again from
     memory, then from disk. (The tiny model's own answers are empty strings: a stand-in answers.)"""
-    import editkit.generation.api as api
+    from editkit.methods.dinm import cache, constraints
 
     monkeypatch.setenv("EDITKIT_DINM_CACHE", str(tmp_path))
     asked: list[str] = []
@@ -160,14 +158,10 @@ def test_answer_negatives_are_the_unedited_models_answers_generated_once(edited,
         asked.extend(prompts)
         return [f"Sure: step {len(p) % 7} then step {max_new_tokens}." for p in prompts]
 
-    monkeypatch.setattr(api, "generate", fake_generate)
+    monkeypatch.setattr(constraints, "generate", fake_generate)
     model = tiny_model("llama")
     arch = resolve_arch(model)
-    prompts = ["How do I bake bread?", with_suffix("How do I tie a knot?", SUFFIX)]
-    answers = gate.unedited_answers(model, tokenizer, prompts, chat_template="auto", max_new_tokens=4)
-    assert answers == fake_generate(model, tokenizer, prompts, max_new_tokens=4, batch_size=1, chat_template="auto")
     harmful, benign = gate.gate_texts(edited, pool)
-    asked.clear()
     fits = [gate.fit_gate(model, tokenizer, arch, LAYER, harmful, benign, suffix=SUFFIX, chat_template="auto",
                           max_length=512, answers=n) for n in (0, 4)]
     # every authored request (no answer of its own), without and with the suffix, was answered once
@@ -177,9 +171,11 @@ def test_answer_negatives_are_the_unedited_models_answers_generated_once(edited,
     asked.clear()
     again = gate.fit_gate(model, tokenizer, arch, LAYER, harmful, benign, suffix=SUFFIX, chat_template="auto",
                           max_length=512, answers=4)
-    gate._ANSWERS.clear()
-    assert gate.unedited_answers(model, tokenizer, prompts, chat_template="auto", max_new_tokens=4) == answers
-    assert asked == [] and torch.equal(again.weight, fits[1].weight)  # from memory, then from disk
+    cache.clear_cache()
+    from_disk = gate.fit_gate(model, tokenizer, arch, LAYER, harmful, benign, suffix=SUFFIX, chat_template="auto",
+                              max_length=512, answers=4)
+    assert asked == []  # from memory, then from disk
+    assert torch.equal(again.weight, fits[1].weight) and torch.equal(from_disk.weight, fits[1].weight)
     with pytest.raises(ValueError, match="harm_gate_answers"):
         DINMConfig(harm_gate_answers=-1)
 

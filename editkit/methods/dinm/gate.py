@@ -38,7 +38,7 @@ from torch import nn
 from editkit.arch import ArchMap
 from editkit.instance import EditInstance
 from editkit.methods.dinm.cache import DiskStore, ModelCache, cache_blocker, weights_digest
-from editkit.methods.dinm.constraints import constraint_requests
+from editkit.methods.dinm.constraints import constraint_requests, self_answered_pairs
 from editkit.methods.dinm.nullspace import collect_keys, render
 from editkit.text import ChatMode, pad_id, prompts_ids, target_ids, with_suffix
 
@@ -48,8 +48,6 @@ GATE_REQUESTS_FILE = Path(__file__).resolve().parents[2] / "data" / "gate_reques
 _KEYS = ModelCache(1 << 15)  # model -> (layer, weights digest, last only, ids digest) -> keys
 MAX_NEGATIVES = 6000  # benign token keys a probe is fitted on (a fixed draw beyond that)
 _DISK = DiskStore("gatekeys")
-_ANSWERS = ModelCache(1 << 14)  # model -> (weights digest, chat mode, tokens, prompt) -> answer
-_DISK_ANSWERS = DiskStore("gateanswers")
 
 
 @dataclass(frozen=True)
@@ -212,36 +210,16 @@ def shared_opening(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def unedited_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, chat_template: ChatMode,
-                     max_new_tokens: int, disk: bool = True) -> list[str]:
-    """The model's greedy answers of at most ``max_new_tokens`` tokens to ``prompts``, kept per
-    prompt in memory and on disk under the digest of all its weights (a gate is fitted on the
-    unedited model, so the edits of a run generate them once)."""
-    from editkit.generation.api import generate
-
+def _self_answers(model: nn.Module, tokenizer: Any, requests: Sequence[str], *, suffix: str | None,
+                  chat_template: ChatMode, max_new_tokens: int, disk: bool, chunk: int = 32) -> dict[str, str]:
+    """{prompt: the unedited model's greedy answer} for ``requests`` without and with ``suffix``,
+    from :func:`self_answered_pairs` (kept per model and on disk), ``chunk`` requests per call so no
+    generation batch grows with the request set."""
     digest = None if cache_blocker(model) is not None else weights_digest(model)
-    names = [(digest, str(chat_template), max_new_tokens, p) for p in prompts]
-    found: list[str | None] = [None] * len(prompts)
-    if digest is not None:
-        for n, name in enumerate(names):
-            found[n] = _ANSWERS.get(model, name)
-            if found[n] is None and disk:
-                stored = _DISK_ANSWERS.read_json(list(name))
-                if isinstance(stored, str):
-                    found[n] = stored
-                    _ANSWERS.put(model, name, stored)
-    missing = [n for n, a in enumerate(found) if a is None]
-    if missing:
-        log.info("generating the unedited model's answers to %d benign requests for the gate", len(missing))
-        texts = generate(model, tokenizer, [prompts[n] for n in missing], max_new_tokens=max_new_tokens,
-                         batch_size=16, chat_template=chat_template)
-        for n, text in zip(missing, texts):
-            found[n] = text
-            if digest is not None:
-                _ANSWERS.put(model, names[n], text)
-                if disk:
-                    _DISK_ANSWERS.write_json(list(names[n]), text)
-    return found  # type: ignore[return-value]
+    return {p: a for start in range(0, len(requests), chunk)
+            for p, a in self_answered_pairs(model, tokenizer, list(requests[start:start + chunk]), suffix=suffix,
+                                            max_new_tokens=max_new_tokens, chat_template=chat_template,
+                                            digest=digest, disk=disk)}
 
 
 def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmful: Sequence[str],
@@ -266,7 +244,8 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     (the newline after the assistant's header) that harmful prompts end on.
 
     ``answers``: a benign prompt given without an answer (the authored requests) is followed by the
-    unedited model's greedy answer of at most this many tokens (:func:`unedited_answers`), whose
+    unedited model's greedy answer of at most this many tokens (the guard's self-answers,
+    :func:`~editkit.methods.dinm.constraints.self_answered_pairs`, kept per model and on disk), whose
     tokens join the other negatives: the gate reads every token the model writes, and on SmolLM2 it
     opened on some tokens of plain answers (an explanation of climate) fitted without them."""
     import numpy as np
@@ -286,10 +265,9 @@ def fit_gate(model: nn.Module, tokenizer: Any, arch: ArchMap, layer: int, harmfu
     prompts = [with_suffix(p, s) for s in variants for p, _ in benign]
     replies = [a for _ in variants for _, a in benign]
     if answers:
-        ask = [n for n, a in enumerate(replies) if not a]
-        for n, text in zip(ask, unedited_answers(model, tokenizer, [prompts[n] for n in ask], chat_template=chat_template,
-                                                 max_new_tokens=answers, disk=disk)):
-            replies[n] = text
+        own = _self_answers(model, tokenizer, [p for p, a in benign if not a], suffix=suffix,
+                            chat_template=chat_template, max_new_tokens=answers, disk=disk)
+        replies = [a or own.get(p, "") for p, a in zip(prompts, replies)]
     sequences, ends = _sequences(tokenizer, list(zip(prompts, replies)), chat_template=chat_template,
                                  max_length=max_length)
     every = sequence_keys(model, tokenizer, arch, layer, sequences, last_only=False, disk=disk)
