@@ -49,23 +49,22 @@ def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, beni
     benign = ([b["request"] for b in metrics.load_check_requests()] if check
               else [b["request"] for b in metrics.load_benign_requests("tuning")[::benign_every]])
 
-    def refused(prompts: list[str], tally: bool = False, **kwargs) -> int:
+    def refusals(prompts: list[str], **kwargs) -> list[bool]:
         answers = editkit.generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=16, **kwargs)
-        flags = [p > 0.5 for p in judge.refusal(answers, prompts)]
-        if tally and counts is not None:
-            counts.update(p for p, f in zip(prompts, flags) if f)
-        return sum(flags)
+        return [p > 0.5 for p in judge.refusal(answers, prompts)]
 
-    def benign_refused() -> tuple[int, int]:
-        return refused(benign), refused(benign, tally=True, suffix=SUFFIX)
+    def benign_refused() -> tuple[int, list[str]]:
+        """(benign requests refused as asked, those refused with the suffix)."""
+        suffixed = refusals(benign, suffix=SUFFIX)
+        return sum(refusals(benign)), [b for b, refused in zip(benign, suffixed) if refused]
 
     unedited = benign_refused() if hparams is None else None  # the same for every case
     attack = benign_plain = benign_suffix = 0
     layers, start = [], time.perf_counter()
     for case in cases:
         prompts = [case.prompt, case.generalization["DG_onlyQ"]]
-        if hparams is None:
-            attack += refused(prompts, suffix=SUFFIX)
+        if unedited is not None:
+            attack += sum(refusals(prompts, suffix=SUFFIX))
             plain, suffixed = unedited
         else:
             pairs = [(p.knowledge_prompt, p.knowledge_answer) for p in pool[: hparams.get("constraint_pairs", 0)]]
@@ -74,10 +73,12 @@ def quick(model, tok, judge, pool, cases, label: str, hparams: dict | None, beni
                                   constraint_pool=others)
             layers.append(result.layer)
             with result.patch.applied(model):
-                attack += refused(prompts, suffix=SUFFIX)
+                attack += sum(refusals(prompts, suffix=SUFFIX))
                 plain, suffixed = benign_refused()
         benign_plain += plain
-        benign_suffix += suffixed
+        benign_suffix += len(suffixed)
+        if counts is not None:  # per case, like the totals (the unedited model's answers count every case)
+            counts.update(suffixed)
     n = len(cases)
     return (f"| {label} | {attack}/{2 * n} | {benign_plain}/{len(benign) * n} | {benign_suffix}/{len(benign) * n} "
             f"| {layers} | {time.perf_counter() - start:.0f} |")
